@@ -1,0 +1,270 @@
+"""Exact tests of the MAML math against an explicit autograd reference, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import metagrad as mg
+
+
+class TinyConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        return self.head(F.max_pool2d(h, 2).flatten(1))
+
+
+class TinyGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(2, 5, batch_first=True)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+class WithBuffer(nn.Module):
+    """A model with a (constant) buffer and a LayerNorm."""
+
+    def __init__(self, affine: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([2.0, 0.5, 1.0]))
+        norm = nn.LayerNorm(8, elementwise_affine=affine)
+        self.net = nn.Sequential(nn.Linear(3, 8), norm, nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.scale)
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred, target)
+
+
+def make_case(kind: str, tasks: int = 3):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        sx, qx = torch.randn(tasks, 6, 1, generator=g), torch.randn(tasks, 7, 1, generator=g)
+        sy, qy = torch.sin(sx), torch.sin(qx)
+        loss = mse
+    elif kind == "conv_bn":
+        model = TinyConvBN()
+        sx, qx = torch.randn(tasks, 6, 1, 8, 8, generator=g), torch.randn(tasks, 6, 1, 8, 8, generator=g)
+        sy, qy = torch.randint(0, 3, (tasks, 6), generator=g), torch.randint(0, 3, (tasks, 6), generator=g)
+        loss = F.cross_entropy
+    elif kind == "gru":
+        model = TinyGRU()
+        sx, qx = torch.randn(tasks, 5, 4, 2, generator=g), torch.randn(tasks, 5, 4, 2, generator=g)
+        sy, qy = sx.sum((2, 3)).unsqueeze(-1), qx.sum((2, 3)).unsqueeze(-1)
+        loss = mse
+    elif kind in ("buffer", "layernorm"):
+        model = WithBuffer(affine=kind == "layernorm")
+        sx, qx = torch.randn(tasks, 6, 3, generator=g), torch.randn(tasks, 6, 3, generator=g)
+        sy, qy = sx.sum(-1, keepdim=True), qx.sum(-1, keepdim=True)
+        loss = mse
+    else:
+        raise ValueError(kind)
+    model = model.double()
+    data = [t.double() if t.is_floating_point() else t for t in (sx, sy, qx, qy)]
+    return model, loss, data
+
+
+def reference_meta_grad(model, loss_fn, data, lr, steps, first_order):
+    """MAML written out by hand: a loop over tasks with torch.autograd.grad."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    total = 0.0
+    for sx, sy, qx, qy in zip(*data, strict=True):
+        fast = list(params)
+        for _ in range(steps):
+            inner = loss_fn(torch.func.functional_call(model, dict(zip(names, fast)), (sx,)), sy)
+            grads = torch.autograd.grad(inner, fast, create_graph=not first_order)
+            fast = [w - lr * g for w, g in zip(fast, grads, strict=True)]
+        total = total + loss_fn(torch.func.functional_call(model, dict(zip(names, fast)), (qx,)), qy)
+    loss = total / len(data[0])
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, params, grads)}
+
+
+def metagrad_meta_grad(model, loss_fn, data, lr, steps, first_order, vectorize):
+    maml = mg.MAML(model, loss_fn, inner_lr=lr, inner_steps=steps, first_order=first_order, vectorize=vectorize)
+    model.zero_grad(set_to_none=True)
+    loss = maml.meta_loss(*data)
+    loss.backward()
+    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    return loss.detach(), grads, maml
+
+
+KINDS = ["mlp", "conv_bn", "gru", "buffer", "layernorm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_matches_reference(kind, steps, first_order):
+    model, loss_fn, data = make_case(kind)
+    ref_loss, ref_grads = reference_meta_grad(model, loss_fn, data, 0.1, steps, first_order)
+    loss, grads, _ = metagrad_meta_grad(model, loss_fn, data, 0.1, steps, first_order, None)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-8, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "buffer"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_vmap_and_loop_agree(kind, first_order):
+    model, loss_fn, data = make_case(kind)
+    l0, g0, m0 = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, False)
+    l1, g1, m1 = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, True)
+    assert not m0.strategy(data, steps=2, first_order=first_order).vectorize
+    assert m1.strategy(data, steps=2, first_order=first_order).vectorize
+    torch.testing.assert_close(l0, l1, rtol=1e-10, atol=1e-12)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-8, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_forced_vmap_is_exact_or_refused(kind, first_order):
+    """vectorize=True never returns a wrong answer: it matches the reference or raises."""
+    model, loss_fn, data = make_case(kind)
+    ref_loss, ref_grads = reference_meta_grad(model, loss_fn, data, 0.1, 2, first_order)
+    try:
+        loss, grads, _ = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, True)
+    except ValueError as e:
+        assert "vectorize=True is not" in str(e)
+        return
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-8, atol=1e-10, msg=n)
+
+
+def test_vmap_check_catches_wrong_layernorm_second_order():
+    """Found while building metagrad: in torch 2.13 the 2nd-order gradient through an affine
+    LayerNorm under vmap is wrong too (about 1% off); the check must see it."""
+    model, loss_fn, data = make_case("layernorm")
+    maml = mg.MAML(model, loss_fn, inner_lr=0.1)
+    verdict = maml.strategy(data, steps=2, first_order=False)
+    assert not verdict.vectorize and "wrong meta-gradient" in verdict.reason
+    assert maml.strategy(data, steps=2, first_order=True).vectorize
+
+
+def test_second_order_differs_from_first_order():
+    model, loss_fn, data = make_case("mlp")
+    _, g2, _ = metagrad_meta_grad(model, loss_fn, data, 0.1, 1, False, None)
+    _, g1, _ = metagrad_meta_grad(model, loss_fn, data, 0.1, 1, True, None)
+    diff = max((g2[n] - g1[n]).abs().max().item() for n in g2)
+    assert diff > 1e-4
+
+
+def test_zero_steps_is_plain_query_loss():
+    model, loss_fn, data = make_case("mlp")
+    maml = mg.MAML(model, loss_fn, inner_lr=0.1, inner_steps=0)
+    expected = torch.stack([loss_fn(model(qx), qy) for qx, qy in zip(data[2], data[3], strict=True)]).mean()
+    torch.testing.assert_close(maml.meta_loss(*data), expected)
+
+
+def test_auto_strategy_vectorizes_mlp_and_loops_convnets_and_rnns():
+    for kind, expect in [("mlp", True), ("conv_bn", False), ("gru", False)]:
+        model, loss_fn, data = make_case(kind)
+        maml = mg.MAML(model, loss_fn, inner_lr=0.1)
+        assert maml.strategy(data, steps=1, first_order=False).vectorize is expect, kind
+
+
+def test_vmap_check_catches_wrong_batchnorm_second_order():
+    """torch 2.13 computes the 2nd-order gradient through BatchNorm wrongly under vmap.
+
+    Forcing vmap on such a model must raise, not return a wrong gradient."""
+    model, loss_fn, data = make_case("conv_bn")
+    maml = mg.MAML(model, loss_fn, inner_lr=0.1, vectorize=True)
+    with pytest.raises(ValueError, match="not exact"):
+        maml.meta_loss(*data)
+    # first order through BatchNorm is exact under vmap, so it is allowed
+    fo = mg.MAML(model, loss_fn, inner_lr=0.1, first_order=True, vectorize=True)
+    assert fo.strategy(data, steps=1, first_order=True).vectorize
+
+
+def test_vmap_refused_for_rnn_and_running_stats():
+    model, loss_fn, data = make_case("gru")
+    with pytest.raises(ValueError, match="GRU"):
+        mg.MAML(model, loss_fn, vectorize=True).meta_loss(*data)
+    bn = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    x = torch.randn(2, 5, 1)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        mg.MAML(bn, mse, vectorize=True).meta_loss(x, x, x, x)
+    # the default runs it exactly in a loop
+    loss = mg.MAML(bn, mse).meta_loss(x, x, x, x)
+    assert torch.isfinite(loss)
+
+
+def test_adapt_single_task_matches_manual_sgd():
+    model, loss_fn, data = make_case("mlp")
+    sx, sy = data[0][0], data[1][0]
+    maml = mg.MAML(model, loss_fn, inner_lr=0.05)
+    fast = maml.adapt(sx, sy, steps=2)
+    params = dict(model.named_parameters())
+    p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    for _ in range(2):
+        loss = loss_fn(torch.func.functional_call(model, p, (sx,)), sy)
+        g = torch.autograd.grad(loss, list(p.values()))
+        p = {k: (v - 0.05 * gi).detach().requires_grad_() for (k, v), gi in zip(p.items(), g, strict=True)}
+    torch.testing.assert_close(fast(data[2][0]), torch.func.functional_call(model, p, (data[2][0],)))
+    # the adapted parameters are differentiable w.r.t. the meta-parameters
+    loss_fn(fast(data[2][0]), data[3][0]).backward()
+    assert all(q.grad is not None for q in model.parameters())
+
+
+def test_adaptation_curve_matches_repeated_adapt():
+    model, loss_fn, data = make_case("mlp")
+    maml = mg.MAML(model, loss_fn, inner_lr=0.05)
+    curve = maml.adaptation_curve(*data, steps=3, metrics={"mse": loss_fn})["mse"]
+    assert curve.shape == (3, 4)
+    for t in range(3):
+        for s in range(4):
+            with torch.no_grad():
+                fast = maml.adapt(data[0][t], data[1][t], steps=s)
+                expected = loss_fn(fast(data[2][t]), data[3][t])
+            torch.testing.assert_close(curve[t, s], expected)
+
+
+def test_maml_is_a_module():
+    model, loss_fn, _ = make_case("mlp")
+    maml = mg.MAML(model, loss_fn)
+    assert {n for n, _ in maml.named_parameters()} == {f"model.{n}" for n, _ in model.named_parameters()}
+    state = maml.state_dict()
+    clone = mg.MAML(make_case("mlp")[0], loss_fn)
+    clone.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(maml.parameters(), clone.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((2, 5, 1), (2, 5, 1), (3, 5, 1), (3, 5, 1)), "task dimensions differ"),
+        (((2, 5, 1), (2, 4, 1), (2, 5, 1), (2, 5, 1)), "support_x"),
+        (((2, 5, 1), (2, 5, 1), (2, 5, 1), (2, 6, 1)), "query_x"),
+        (((5,), (5,), (5,), (5,)), r"\[tasks, shots"),
+    ],
+)
+def test_bad_shapes_give_clear_errors(shapes, match):
+    maml = mg.MAML(nn.Linear(1, 1), mse)
+    with pytest.raises(ValueError, match=match):
+        maml.meta_loss(*(torch.zeros(s) for s in shapes))
+
+
+def test_bad_constructor_values():
+    with pytest.raises(ValueError, match="inner_lr"):
+        mg.MAML(nn.Linear(1, 1), mse, inner_lr=0)
+    with pytest.raises(ValueError, match="inner_steps"):
+        mg.MAML(nn.Linear(1, 1), mse, inner_steps=-1)
