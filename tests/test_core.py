@@ -54,14 +54,22 @@ def make_case(kind: str, tasks: int = 3):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if kind == "mlp":
-        model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        model = nn.Sequential(
+            nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+        )
         sx, qx = torch.randn(tasks, 6, 1, generator=g), torch.randn(tasks, 7, 1, generator=g)
         sy, qy = torch.sin(sx), torch.sin(qx)
         loss = mse
     elif kind == "conv_bn":
         model = TinyConvBN()
-        sx, qx = torch.randn(tasks, 6, 1, 8, 8, generator=g), torch.randn(tasks, 6, 1, 8, 8, generator=g)
-        sy, qy = torch.randint(0, 3, (tasks, 6), generator=g), torch.randint(0, 3, (tasks, 6), generator=g)
+        sx, qx = (
+            torch.randn(tasks, 6, 1, 8, 8, generator=g),
+            torch.randn(tasks, 6, 1, 8, 8, generator=g),
+        )
+        sy, qy = (
+            torch.randint(0, 3, (tasks, 6), generator=g),
+            torch.randint(0, 3, (tasks, 6), generator=g),
+        )
         loss = F.cross_entropy
     elif kind == "gru":
         model = TinyGRU()
@@ -88,21 +96,30 @@ def reference_meta_grad(model, loss_fn, data, lr, steps, first_order):
     for sx, sy, qx, qy in zip(*data, strict=True):
         fast = list(params)
         for _ in range(steps):
-            inner = loss_fn(torch.func.functional_call(model, dict(zip(names, fast)), (sx,)), sy)
+            inner = loss_fn(torch.func.functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy)
             grads = torch.autograd.grad(inner, fast, create_graph=not first_order)
             fast = [w - lr * g for w, g in zip(fast, grads, strict=True)]
-        total = total + loss_fn(torch.func.functional_call(model, dict(zip(names, fast)), (qx,)), qy)
+        total = total + loss_fn(
+            torch.func.functional_call(model, dict(zip(names, fast, strict=False)), (qx,)), qy
+        )
     loss = total / len(data[0])
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return loss.detach(), {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, params, grads)}
+    return loss.detach(), {
+        n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, params, grads, strict=False)
+    }
 
 
 def metagrad_meta_grad(model, loss_fn, data, lr, steps, first_order, vectorize):
-    maml = mg.MAML(model, loss_fn, inner_lr=lr, inner_steps=steps, first_order=first_order, vectorize=vectorize)
+    maml = mg.MAML(
+        model, loss_fn, inner_lr=lr, inner_steps=steps, first_order=first_order, vectorize=vectorize
+    )
     model.zero_grad(set_to_none=True)
     loss = maml.meta_loss(*data)
     loss.backward()
-    grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    grads = {
+        n: (torch.zeros_like(p) if p.grad is None else p.grad.clone())
+        for n, p in model.named_parameters()
+    }
     return loss.detach(), grads, maml
 
 
@@ -171,7 +188,9 @@ def test_second_order_differs_from_first_order():
 def test_zero_steps_is_plain_query_loss():
     model, loss_fn, data = make_case("mlp")
     maml = mg.MAML(model, loss_fn, inner_lr=0.1, inner_steps=0)
-    expected = torch.stack([loss_fn(model(qx), qy) for qx, qy in zip(data[2], data[3], strict=True)]).mean()
+    expected = torch.stack(
+        [loss_fn(model(qx), qy) for qx, qy in zip(data[2], data[3], strict=True)]
+    ).mean()
     torch.testing.assert_close(maml.meta_loss(*data), expected)
 
 
@@ -218,8 +237,13 @@ def test_adapt_single_task_matches_manual_sgd():
     for _ in range(2):
         loss = loss_fn(torch.func.functional_call(model, p, (sx,)), sy)
         g = torch.autograd.grad(loss, list(p.values()))
-        p = {k: (v - 0.05 * gi).detach().requires_grad_() for (k, v), gi in zip(p.items(), g, strict=True)}
-    torch.testing.assert_close(fast(data[2][0]), torch.func.functional_call(model, p, (data[2][0],)))
+        p = {
+            k: (v - 0.05 * gi).detach().requires_grad_()
+            for (k, v), gi in zip(p.items(), g, strict=True)
+        }
+    torch.testing.assert_close(
+        fast(data[2][0]), torch.func.functional_call(model, p, (data[2][0],))
+    )
     # the adapted parameters are differentiable w.r.t. the meta-parameters
     loss_fn(fast(data[2][0]), data[3][0]).backward()
     assert all(q.grad is not None for q in model.parameters())
@@ -241,11 +265,15 @@ def test_adaptation_curve_matches_repeated_adapt():
 def test_maml_is_a_module():
     model, loss_fn, _ = make_case("mlp")
     maml = mg.MAML(model, loss_fn)
-    assert {n for n, _ in maml.named_parameters()} == {f"model.{n}" for n, _ in model.named_parameters()}
+    assert {n for n, _ in maml.named_parameters()} == {
+        f"model.{n}" for n, _ in model.named_parameters()
+    }
     state = maml.state_dict()
     clone = mg.MAML(make_case("mlp")[0], loss_fn)
     clone.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(maml.parameters(), clone.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(maml.parameters(), clone.parameters(), strict=True)
+    )
 
 
 @pytest.mark.parametrize(

@@ -90,9 +90,7 @@ def vmap_matches_loop(
                     m, loss_fn, params, buffers, *batch,
                     lr=lr, steps=steps, first_order=first_order, vectorize=vectorize,
                 )  # fmt: skip
-                grads = torch.autograd.grad(
-                    losses.sum(), list(params.values()), allow_unused=True
-                )
+                grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
         except Exception as e:  # any failure under vmap means: do not use vmap
             return False, f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0]}"
         results.append((losses.detach(), [None if g is None else g.detach() for g in grads]))

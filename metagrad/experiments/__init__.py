@@ -1,0 +1,1 @@
+"""Presets, training and evaluation loops, run directories, plots."""

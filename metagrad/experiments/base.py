@@ -1,0 +1,84 @@
+"""What every supervised experiment provides to the training loop and the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core import MAML
+from ..errors import ConfigError
+from .config import Config
+from .runs import BEST, CHECKPOINT, Run
+
+Batch = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class Experiment:
+    """Builds the model for a config, samples batches, and takes one meta-training step.
+
+    Subclasses implement :meth:`build`, :meth:`sample`, :meth:`evaluate` and :meth:`plot`
+    and may override :meth:`train_step`, :meth:`validate` and :meth:`finalize`.
+    """
+
+    #: the training metrics a step returns, in CSV order
+    train_metrics: tuple[str, ...] = ("loss",)
+    #: the validation metrics, and the one that selects the best checkpoint (higher is better)
+    val_metrics: tuple[str, ...] = ()
+    select_metric: str | None = None
+    methods: tuple[str, ...] = ("maml",)
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        if cfg.get("method", "maml") not in self.methods:
+            raise ConfigError(
+                f"bad value {cfg['method']!r} for method: choose one of {', '.join(self.methods)}"
+            )
+        for key in ("iterations", "meta_batch"):
+            if key in cfg and cfg[key] < 1 and not (key == "iterations" and cfg[key] == 0):
+                raise ConfigError(f"bad value {cfg[key]!r} for {key}: must be >= 1")
+        self.cfg = cfg
+        self.device = device
+
+    # -------------------------------------------------------------- to implement
+    def build(self) -> MAML:
+        raise NotImplementedError
+
+    def sample(self, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def evaluate(self, maml: MAML) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def plot(self, run: Run, baseline: Run | None = None) -> list[Path]:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- defaults
+    def optimizer(self, maml: MAML) -> torch.optim.Optimizer:
+        return torch.optim.Adam(maml.parameters(), lr=self.cfg["meta_lr"])
+
+    def train_step(self, maml: MAML, batch: Batch) -> dict[str, float]:
+        """Compute the loss of one batch and backpropagate it (the caller steps)."""
+        loss = maml.meta_loss(*batch)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def validate(self, maml: MAML) -> dict[str, float]:
+        return {}
+
+    def finalize(self, maml: MAML) -> dict[str, Any]:
+        """Called once after training; what it returns is stored with the checkpoint."""
+        return {}
+
+    def apply_extra(self, maml: MAML, extra: dict[str, Any]) -> None:
+        if "inner_lr" in extra:
+            maml.inner_lr = float(extra["inner_lr"])
+
+    def load_trained(self, run: Run, device: torch.device) -> MAML:
+        maml = self.build().to(device)
+        ckpt = run.load(CHECKPOINT, map_location=device)
+        state = run.load(BEST, map_location=device)["model"] if run.has_checkpoint(BEST) else None
+        maml.load_state_dict(state if state is not None else ckpt["model"])
+        self.apply_extra(maml, ckpt.get("extra", {}))
+        return maml

@@ -1,0 +1,45 @@
+"""Evaluating run directories and printing result tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .runs import EVAL, Run
+
+
+def evaluate_run(run: Run, device: torch.device, *, reuse: bool = False) -> dict[str, Any]:
+    """Evaluate a trained run and write ``eval.json`` (or read it back when ``reuse``)."""
+    from .registry import experiment_for
+
+    if reuse and (run.path / EVAL).is_file():
+        return run.read_json(EVAL)
+    exp = experiment_for(run.config(), device)
+    maml = exp.load_trained(run, device)
+    result = exp.evaluate(maml)
+    result["run"] = str(run.path)
+    run.write_json(EVAL, result)
+    return result
+
+
+def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) -> str:
+    """A plain-text table: one row per (run, setting), one column per step count."""
+    steps = steps if steps is not None else results[0]["steps"]
+    metric = results[0]["metric"]
+    head = ["method", "setting"] + [f"{s} step{'s' * (s != 1)}" for s in steps]
+    rows = []
+    for res in results:
+        for setting, vals in res["results"].items():
+            cells = []
+            for s in steps:
+                i = res["steps"].index(s)
+                scale = 100.0 if metric == "accuracy" else 1.0
+                cells.append(f"{vals[metric][i] * scale:.3f} ± {vals['ci95'][i] * scale:.3f}")
+            rows.append([res["method"], setting, *cells])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    unit = " (%)" if metric == "accuracy" else ""
+    lines = [f"{metric}{unit}, mean ± 95% CI", fmt.format(*head)]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Sinusoid regression (MAML paper, section 5.1).
+
+A task is ``y = A sin(x - phi)`` with amplitude ``A ~ U[0.1, 5]``, phase ``phi ~ U[0, pi]``
+and inputs ``x ~ U[-5, 5]``. Everything is sampled as whole tensors, no Python loop over
+tasks or points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SinusoidBatch:
+    support_x: Tensor  # [tasks, shots, 1]
+    support_y: Tensor
+    query_x: Tensor  # [tasks, queries, 1]
+    query_y: Tensor
+    amplitude: Tensor  # [tasks]
+    phase: Tensor  # [tasks]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
+
+@dataclass(frozen=True)
+class SinusoidTasks:
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+
+    def _uniform(self, bounds: tuple[float, float], shape: tuple[int, ...], g: torch.Generator):
+        lo, hi = bounds
+        return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+    def sample(
+        self, tasks: int, shots: int, queries: int, generator: torch.Generator
+    ) -> SinusoidBatch:
+        """``tasks`` random sinusoids with ``shots`` support and ``queries`` query points."""
+        amp = self._uniform(self.amplitude, (tasks,), generator)
+        phase = self._uniform(self.phase, (tasks,), generator)
+        x = self._uniform(self.x_range, (tasks, shots + queries, 1), generator)
+        y = self.function(x, amp, phase)
+        return SinusoidBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], amp, phase)
+
+    @staticmethod
+    def function(x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
+        """``A sin(x - phi)`` for ``x`` of shape ``[tasks, points, 1]``."""
+        return amplitude[:, None, None] * torch.sin(x - phase[:, None, None])
