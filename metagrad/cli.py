@@ -13,7 +13,10 @@ import torch
 from .errors import ConfigError, MetagradError
 
 # keys that may change when a run is resumed (they do not change what was trained so far)
-RESUMABLE = {"iterations", "log_every", "checkpoint_every", "val_every"}
+RESUMABLE = {
+    "iterations", "log_every", "checkpoint_every", "val_every", "time_limit_min", "data_dir",
+    "threads",
+}  # fmt: skip
 
 
 def _device(name: str) -> torch.device:
@@ -43,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/PRESET-METHOD-TIMESTAMP)")
     t.add_argument("--config", help="TOML file of config values")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config value")
+    t.add_argument("--data-dir", help="dataset folder (sets data_dir; Omniglot: the two zips)")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation and plots at the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(t)
@@ -67,6 +71,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if args.config:
         cfg = C.apply_mapping(cfg, C.load_toml(args.config), args.config)
     cfg = C.apply_overrides(cfg, args.set)
+    if getattr(args, "data_dir", None):
+        cfg = C.apply_overrides(cfg, [f"data_dir={args.data_dir}"])
     if args.seed is not None:
         cfg["seed"] = args.seed
     return cfg
@@ -82,6 +88,8 @@ def _requested(args: argparse.Namespace) -> dict:
     asked |= {s.split("=", 1)[0].strip() for s in args.set if "=" in s}
     if args.config:
         asked |= set(C.load_toml(args.config))
+    if args.data_dir:
+        asked.add("data_dir")
     if args.seed is not None:
         asked.add("seed")
     return {k: full[k] for k in asked if k in full}
@@ -101,7 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     run = Run(out)
     if run.has_config():
-        saved = run.config()
+        from .experiments.config import preset
+
+        # keys added to the preset since the run was made take their defaults
+        saved = preset(args.preset) | run.config()
         for key, value in _requested(args).items():
             if key == "preset" and saved.get("preset") != value:
                 raise ConfigError(
@@ -118,6 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"resuming {out}", file=sys.stderr)
     elif run.path.exists() and any(run.path.iterdir()):
         raise ConfigError(f"{out} exists and is not a run directory; choose another --out")
+    if cfg.get("threads", 0) > 0:
+        torch.set_num_threads(cfg["threads"])
     exp = experiment_for(cfg, device)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(cfg)

@@ -7,9 +7,14 @@ import torch
 from ..errors import ConfigError
 from .base import Experiment
 from .config import Config
+from .fewshot import MiniImagenetExperiment, OmniglotExperiment
 from .sinusoid import SinusoidExperiment
 
-EXPERIMENTS: dict[str, type[Experiment]] = {"sinusoid": SinusoidExperiment}
+EXPERIMENTS: dict[str, type[Experiment]] = {
+    "sinusoid": SinusoidExperiment,
+    "omniglot": OmniglotExperiment,
+    "miniimagenet": MiniImagenetExperiment,
+}
 
 
 def experiment_for(cfg: Config, device: torch.device | None = None) -> Experiment:

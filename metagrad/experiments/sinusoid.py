@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "first_order": False,
     "meta_lr": 1e-3,
     "vectorize": "auto",
+    "threads": 1,  # torch threads; a tiny MLP runs fastest on one (0: torch's default)
     "log_every": 100,
     "checkpoint_every": 2000,
     "eval_tasks": 600,

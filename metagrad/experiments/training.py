@@ -112,6 +112,9 @@ def train(exp: Experiment, run: Run, *, progress: bool = True) -> MAML:
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
             done = it + 1
+            limit = cfg.get("time_limit_min", 0)
+            if limit and elapsed + time.perf_counter() - tick >= 60 * limit:
+                total = done  # the wall-time budget is spent: this is the last iteration
             row: dict[str, Any] = {}
             if done % log_every == 0 or done == total:
                 row = {k: sums[k] / count for k in sums}
@@ -134,6 +137,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True) -> MAML:
             if done % ckpt_every == 0 and done != total:
                 elapsed, tick = elapsed + time.perf_counter() - tick, time.perf_counter()
                 checkpoint(done)
+            if done == total:
+                break
             if flag["stop"]:
                 elapsed += time.perf_counter() - tick
                 checkpoint(done)
@@ -146,5 +151,5 @@ def train(exp: Experiment, run: Run, *, progress: bool = True) -> MAML:
     bar.close()
     extra = exp.finalize(maml)
     exp.apply_extra(maml, extra)
-    checkpoint(max(total, start), extra)
+    checkpoint(max(total, start), extra | {"final_iteration": max(total, start)})
     return maml

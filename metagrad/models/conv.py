@@ -1,0 +1,85 @@
+"""The MAML paper's few-shot classifiers.
+
+``Conv4``: four blocks of 3x3 convolution, BatchNorm on batch statistics
+(``track_running_stats=False``, as MAML uses it: every forward normalises with the
+current batch, at training and test time), ReLU, then a linear layer.
+
+* Omniglot (``omniglot_conv4``): 64 filters, stride-2 convolutions, no pooling; the
+  2x2 output is averaged over space before the linear layer (as the original code does).
+* MiniImagenet (``miniimagenet_conv4``): 32 filters, stride 1, 2x2 max-pooling; the
+  5x5 output is flattened (800 features).
+
+``FCNet``: the paper's non-convolutional Omniglot network, 256-128-64-64 with BatchNorm
+and ReLU.
+
+Difference from the original TensorFlow code: there the BatchNorm offsets are
+meta-learned but not adapted in the inner loop (and it has no scale); here every
+parameter, BatchNorm's included, takes part in the inner loop, like the PyTorch ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+def _block(cin: int, cout: int, stride: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
+        nn.BatchNorm2d(cout, track_running_stats=False),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    def __init__(
+        self,
+        ways: int,
+        in_channels: int = 1,
+        filters: int = 64,
+        *,
+        stride: int = 2,
+        pool: bool = False,
+        spatial_mean: bool = True,
+        features: int | None = None,
+    ) -> None:
+        super().__init__()
+        chans = [in_channels, filters, filters, filters, filters]
+        self.features = nn.Sequential(
+            *(_block(a, b, stride, pool) for a, b in zip(chans[:-1], chans[1:], strict=True))
+        )
+        self.spatial_mean = spatial_mean
+        self.head = nn.Linear(features or filters, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        h = h.mean((-2, -1)) if self.spatial_mean else h.flatten(1)
+        return self.head(h)
+
+
+def omniglot_conv4(ways: int, filters: int = 64) -> Conv4:
+    return Conv4(ways, 1, filters, stride=2, pool=False, spatial_mean=True)
+
+
+def miniimagenet_conv4(ways: int, filters: int = 32) -> Conv4:
+    return Conv4(ways, 3, filters, stride=1, pool=True, spatial_mean=False, features=filters * 25)
+
+
+class FCNet(nn.Module):
+    """Flattened image -> hidden layers with BatchNorm and ReLU -> ``ways`` logits."""
+
+    def __init__(self, ways: int, in_features: int = 784, hidden: Sequence[int] = (256, 128, 64, 64)):
+        super().__init__()
+        sizes = [in_features, *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU()]
+        layers.append(nn.Linear(sizes[-1], ways))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
