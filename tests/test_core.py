@@ -96,7 +96,9 @@ def reference_meta_grad(model, loss_fn, data, lr, steps, first_order):
     for sx, sy, qx, qy in zip(*data, strict=True):
         fast = list(params)
         for _ in range(steps):
-            inner = loss_fn(torch.func.functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy)
+            inner = loss_fn(
+                torch.func.functional_call(model, dict(zip(names, fast, strict=False)), (sx,)), sy
+            )
             grads = torch.autograd.grad(inner, fast, create_graph=not first_order)
             fast = [w - lr * g for w, g in zip(fast, grads, strict=True)]
         total = total + loss_fn(
@@ -105,7 +107,8 @@ def reference_meta_grad(model, loss_fn, data, lr, steps, first_order):
     loss = total / len(data[0])
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return loss.detach(), {
-        n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, params, grads, strict=False)
+        n: (torch.zeros_like(p) if g is None else g)
+        for n, p, g in zip(names, params, grads, strict=False)
     }
 
 

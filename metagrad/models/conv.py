@@ -72,7 +72,9 @@ def miniimagenet_conv4(ways: int, filters: int = 32) -> Conv4:
 class FCNet(nn.Module):
     """Flattened image -> hidden layers with BatchNorm and ReLU -> ``ways`` logits."""
 
-    def __init__(self, ways: int, in_features: int = 784, hidden: Sequence[int] = (256, 128, 64, 64)):
+    def __init__(
+        self, ways: int, in_features: int = 784, hidden: Sequence[int] = (256, 128, 64, 64)
+    ):
         super().__init__()
         sizes = [in_features, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
