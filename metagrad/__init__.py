@@ -1,5 +1,6 @@
 """metagrad: gradient-based meta-learning (MAML) on torch.func."""
 
+from . import models, tasks
 from .core import MAML, Adapted
 
 __version__ = "0.1.0"
@@ -12,4 +13,4 @@ def load_run(path: str, device: str = "cpu") -> MAML:
     return _load(path, device=device)
 
 
-__all__ = ["MAML", "Adapted", "load_run", "__version__"]
+__all__ = ["MAML", "Adapted", "load_run", "models", "tasks", "__version__"]

@@ -35,7 +35,12 @@ def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) 
             for s in steps:
                 i = res["steps"].index(s)
                 scale = 100.0 if metric == "accuracy" else 1.0
-                cells.append(f"{vals[metric][i] * scale:.3f} ± {vals['ci95'][i] * scale:.3f}")
+                mean, ci = vals[metric][i] * scale, vals["ci95"][i] * scale
+                diverged = vals.get("diverged", [0] * len(steps))[i]
+                if diverged:
+                    cells.append(f"diverged on {diverged} task{'s' * (diverged > 1)}")
+                else:
+                    cells.append(f"{mean:.3f} ± {ci:.3f}")
             rows.append([res["method"], setting, *cells])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -13,6 +13,7 @@ mean and 95% confidence interval over tasks.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,10 @@ class SinusoidExperiment(Experiment):
             lr: self._curves(maml, batch, shots, lr, steps)[:, 1:].mean().item()
             for lr in self.cfg["finetune_lrs"]
         }
-        best = min(scores, key=scores.__getitem__)
+        finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
+        if not finite:
+            raise RuntimeError("fine-tuning diverged for every step size in finetune_lrs")
+        best = min(finite, key=finite.__getitem__)
         return {"inner_lr": best, "finetune_scores": {str(k): v for k, v in scores.items()}}
 
     def evaluate(self, maml: MAML) -> dict[str, Any]:
@@ -135,7 +139,12 @@ class SinusoidExperiment(Experiment):
         for k in cfg["eval_shots"]:
             curves = self._curves(maml, batch, k, maml.inner_lr, cfg["eval_steps"])
             mean, ci = mean_ci95(curves)
-            results[f"K={k}"] = {"mse": mean, "ci95": ci}
+            # plain SGD at a fixed step size can diverge on a rare task (points bunched at
+            # |x| near 5 make the loss very steep); the mean then is inf, so the median and
+            # the number of such tasks are reported beside it
+            diverged = (~torch.isfinite(curves) | (curves > 1e6)).sum(0).tolist()
+            median = curves.nan_to_num(nan=float("inf")).median(0).values.tolist()
+            results[f"K={k}"] = {"mse": mean, "ci95": ci, "median": median, "diverged": diverged}
         return {
             "experiment": "sinusoid",
             "method": cfg["method"],

@@ -69,13 +69,23 @@ def figure3(results: list[dict], path: Path) -> Path:
     keys = list(results[0]["results"])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
+        top = 1.15 * max(res["results"][key]["mse"][0] for res in results)
         for res in results:
             steps = res["steps"]
-            mean = torch.tensor(res["results"][key]["mse"])
-            ci = torch.tensor(res["results"][key]["ci95"])
+            vals = res["results"][key]
+            diverged = vals.get("diverged", [0] * len(steps))
+            ok = [i for i, d in enumerate(diverged) if d == 0]
+            mean = torch.tensor(vals["mse"])[ok]
+            ci = torch.tensor(vals["ci95"])[ok]
             label = LABELS.get(res["method"], res["method"])
-            ax.plot(steps, mean, marker="o", ms=3, label=label)
-            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.25)
+            x = [steps[i] for i in ok]
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=label)
+            ax.fill_between(x, mean - ci, mean + ci, alpha=0.25)
+            bad = [steps[i] for i, d in enumerate(diverged) if d]
+            if bad:  # the mean is infinite there: mark it instead of drawing it
+                ax.plot(bad, [top * 0.97] * len(bad), "x", color=line.get_color(),
+                        label=f"{label}: diverged on {max(diverged)} of {res['tasks']} tasks")  # fmt: skip
+        ax.set_ylim(0, top)
         ax.set_title(f"k-shot regression, {key}")
         ax.set_xlabel("number of gradient steps")
         ax.set_ylabel("mean squared error")

@@ -1,5 +1,5 @@
 """Task distributions that produce batched tensors ``[tasks, shots, ...]``."""
 
-from .sinusoid import SinusoidTasks
+from .sinusoid import SinusoidBatch, SinusoidTasks
 
-__all__ = ["SinusoidTasks"]
+__all__ = ["SinusoidBatch", "SinusoidTasks"]
