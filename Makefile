@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_VENV := .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
 
 .PHONY: demo test lint format bench clean
 
@@ -25,6 +28,19 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# Peers (higher, TorchOpt) live in their own venv; torch stays pinned by the constraints file.
+$(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt benchmarks/constraints.txt
+	test -d $(BENCH_VENV) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q -c benchmarks/constraints.txt -e .
+	$(BENCH_VENV)/bin/pip install -q -c benchmarks/constraints.txt -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+# All configs, second order, sizes that take about 10 minutes on 2 cores.
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/bench_maml.py --config all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

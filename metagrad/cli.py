@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="dataset folder (sets data_dir; Omniglot: the two zips)")
     t.add_argument("--no-eval", action="store_true", help="skip evaluation and plots at the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="data-parallel training on N local processes (CPU: gloo; GPUs: NCCL, one each)",
+    )  # fmt: skip
+    t.add_argument(
+        "--dist-timeout", type=float, default=None, metavar="SECONDS",
+        help="multi-process runs: how long to wait for the other processes at the rendezvous "
+        "and at each gradient all-reduce before giving up (default: 600)",
+    )  # fmt: skip
     _common(t)
     e = sub.add_parser("eval", help="evaluate run directories; several print a comparison")
     e.add_argument("runs", nargs="+", help="run directories")
@@ -95,19 +104,18 @@ def _requested(args: argparse.Namespace) -> dict:
     return {k: full[k] for k in asked if k in full}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .experiments.evaluation import evaluate_run, format_table
-    from .experiments.registry import experiment_for
+def _prepare_run(args: argparse.Namespace) -> tuple[dict, str, bool]:
+    """The config to train with, the run directory and whether it resumes; checks the
+    directory against the request but writes nothing."""
     from .experiments.runs import Run
-    from .experiments.training import train
 
     cfg = resolve_config(args)
-    device = _device(args.device)
     out = (
         args.out
         or f"runs/{args.preset}-{cfg.get('method', 'maml')}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     run = Run(out)
+    resuming = False
     if run.has_config():
         from .experiments.config import preset
 
@@ -125,20 +133,84 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             saved[key] = value
         cfg = saved
-        if run.has_checkpoint():
-            print(f"resuming {out}", file=sys.stderr)
+        resuming = run.has_checkpoint()
     elif run.path.exists() and any(run.path.iterdir()):
         raise ConfigError(f"{out} exists and is not a run directory; choose another --out")
+    return cfg, out, resuming
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: check the request here, once, then start N ranks of this command."""
+    from .experiments import distributed as D
+    from .experiments.registry import experiment_for
+
+    device = _device(args.device)
+    if device.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"--nproc {args.nproc} needs {args.nproc} GPUs (one per process), but "
+            f"{torch.cuda.device_count()} are visible; use fewer or --device cpu"
+        )
+    cfg, out, _ = _prepare_run(args)
+    # a bad value fails here, before any process starts
+    D.check_parallel(experiment_for(cfg, torch.device("cpu")), args.nproc)
+    command = [sys.executable, "-m", "metagrad", *args.argv, "--out", out]
+    hint = f"run the same command again to resume from the last checkpoint in {out}"
+    return D.launch(command, args.nproc, hint=hint)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .experiments import distributed as D
+
+    if args.nproc < 1:
+        raise ConfigError(f"bad value {args.nproc} for --nproc: must be >= 1")
+    env = D.world_from_env()
+    if env is None and args.nproc > 1:
+        return _launch(args)
+    if env is not None and args.nproc not in (1, env.world_size):
+        raise ConfigError(
+            f"--nproc {args.nproc} conflicts with WORLD_SIZE={env.world_size} in the "
+            "environment (started by torchrun?); drop --nproc"
+        )
+    timeout = D.DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+    device = D.world_device(env, _device(args.device))
+    world = D.init_world(env, device, timeout)
+    try:
+        return _train(args, device, world)
+    finally:
+        world.close()
+
+
+def _train(args: argparse.Namespace, device: torch.device, world) -> int:
+    from .experiments import distributed as D
+    from .experiments.evaluation import evaluate_run, format_table
+    from .experiments.registry import experiment_for
+    from .experiments.runs import Run
+    from .experiments.training import train
+
+    def setup() -> tuple[dict, str, bool]:  # rank 0 checks and writes the run directory
+        cfg, out, resuming = _prepare_run(args)
+        D.check_parallel(experiment_for(cfg, device), world.size)
+        run = Run(out)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(cfg)
+        return cfg, out, resuming
+
+    cfg, out, resuming = world.on_main(setup, "the start-up")
+    run = Run(out)
     if cfg.get("threads", 0) > 0:
         torch.set_num_threads(cfg["threads"])
     exp = experiment_for(cfg, device)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(cfg)
-    print(
-        f"training {args.preset} ({cfg.get('method', 'maml')}) into {out} on {device}",
-        file=sys.stderr,
-    )
-    train(exp, run, progress=not args.quiet)
+    if world.is_main:
+        if resuming:
+            print(f"resuming {out}", file=sys.stderr)
+        ranks = f" x {world.size} processes" if world.size > 1 else ""
+        print(
+            f"training {args.preset} ({cfg.get('method', 'maml')}) into {out} on {device}{ranks}",
+            file=sys.stderr,
+        )
+    train(exp, run, progress=not args.quiet, world=world)
+    if not world.is_main:
+        return 0
     if not args.no_eval:
         result = evaluate_run(run, device)
         exp.plot(run)
@@ -165,7 +237,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .experiments.runs import Run
 
     run = Run(args.run)
-    exp = experiment_for(run.config(), _device(args.device))
+    cfg = run.config()
+    if cfg.get("threads", 0) > 0:
+        torch.set_num_threads(cfg["threads"])
+    exp = experiment_for(cfg, _device(args.device))
     baseline = Run(args.baseline) if args.baseline else None
     if baseline is not None:
         baseline.config()  # fail early, with a clear message
@@ -187,15 +262,30 @@ def cmd_presets(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "presets": cmd_presets}
 
 
+def _report(e: MetagradError) -> None:
+    """Print ``e`` as one line; the other ranks of a multi-process run leave to rank 0
+    what it reports for all of them."""
+    from .experiments.distributed import PeerFailed, current_rank
+    from .experiments.training import Interrupted
+
+    rank = current_rank()
+    if rank == 0:
+        print(f"metagrad: error: {e}", file=sys.stderr)
+    elif not isinstance(e, PeerFailed | Interrupted):
+        print(f"metagrad: error: rank {rank}: {e}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
         _device(args.device)  # every command checks it, so a typo never passes silently
         return COMMANDS[args.command](args)
     except MetagradError as e:
-        print(f"metagrad: error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     except KeyboardInterrupt:
         print("metagrad: interrupted", file=sys.stderr)

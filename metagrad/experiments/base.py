@@ -29,6 +29,9 @@ class Experiment:
     val_metrics: tuple[str, ...] = ()
     select_metric: str | None = None
     methods: tuple[str, ...] = ("maml",)
+    #: whether ``metagrad train --nproc N`` may split the meta-batch: :meth:`sample` returns
+    #: a tuple of tensors with the tasks first, and :meth:`train_step` a mean over them
+    data_parallel: bool = True
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         if cfg.get("method", "maml") not in self.methods:

@@ -15,7 +15,10 @@ def evaluate_run(run: Run, device: torch.device, *, reuse: bool = False) -> dict
 
     if reuse and (run.path / EVAL).is_file():
         return run.read_json(EVAL)
-    exp = experiment_for(run.config(), device)
+    cfg = run.config()
+    if cfg.get("threads", 0) > 0:  # small per-task ops: extra threads only add overhead
+        torch.set_num_threads(cfg["threads"])
+    exp = experiment_for(cfg, device)
     maml = exp.load_trained(run, device)
     result = exp.evaluate(maml)
     result["run"] = str(run.path)

@@ -56,7 +56,7 @@ def _omniglot(ways: int, shots: int, batch: int, steps: int, lr: float, test_ste
     return COMMON | {
         "experiment": "omniglot", "ways": ways, "shots": shots, "queries": shots,
         "meta_batch": batch, "inner_steps": steps, "inner_lr": lr, "eval_steps": test_steps,
-        "split": "paper", "rotation": "per-task", "filters": 64,
+        "split": "paper", "rotation": "per-task", "eval_rotation": "per-task", "filters": 64,
     }  # fmt: skip
 
 
@@ -196,9 +196,9 @@ class OmniglotExperiment(FewShotExperiment):
         from ..data import load_omniglot
 
         ds = load_omniglot(self.data_dir, split=split, split_scheme=self.cfg["split"])
-        # per-task rotation applies to every split, as in the original code; rotated copies
-        # as extra classes only enlarge the training classes
-        rotation = self.cfg["rotation"]
+        # the original code rotates every class of every task, test tasks included
+        # (eval_rotation = "per-task"); "none" evaluates on the characters as drawn
+        rotation = self.cfg["rotation"] if split == "train" else self.cfg["eval_rotation"]
         if rotation == "classes" and split != "train":
             rotation = "none"
         return ds.sampler(rotation=rotation)

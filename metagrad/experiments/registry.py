@@ -6,14 +6,16 @@ import torch
 
 from ..errors import ConfigError
 from .base import Experiment
-from .config import Config
+from .config import Config, preset, presets
 from .fewshot import MiniImagenetExperiment, OmniglotExperiment
+from .rl import RLExperiment
 from .sinusoid import SinusoidExperiment
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     "sinusoid": SinusoidExperiment,
     "omniglot": OmniglotExperiment,
     "miniimagenet": MiniImagenetExperiment,
+    "rl": RLExperiment,
 }
 
 
@@ -21,4 +23,7 @@ def experiment_for(cfg: Config, device: torch.device | None = None) -> Experimen
     kind = cfg.get("experiment")
     if kind not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {kind!r} in config; known: {', '.join(EXPERIMENTS)}")
+    name = cfg.get("preset")
+    if name in presets():  # keys added to the preset since the run was made: defaults
+        cfg = preset(name) | dict(cfg)
     return EXPERIMENTS[kind](cfg, device or torch.device("cpu"))

@@ -13,6 +13,7 @@ from .baseline import LinearFeatureBaseline, baseline_features
 from .policy import (
     FunctionalPolicy,
     GaussianMLPPolicy,
+    TaskBatchedPolicy,
     diag_gaussian_entropy,
     diag_gaussian_kl,
     diag_gaussian_log_prob,
@@ -36,6 +37,7 @@ __all__ = [
     "LineSearchResult",
     "LinearFeatureBaseline",
     "TRPOStepResult",
+    "TaskBatchedPolicy",
     "baseline_features",
     "conjugate_gradient",
     "diag_gaussian_entropy",
@@ -54,10 +56,10 @@ __all__ = [
 
 try:
     from .envs import ENV_SPECS, register_envs
-    from .sampler import Trajectories, VectorSampler
+    from .sampler import PolicyList, Trajectories, VectorSampler
 except ModuleNotFoundError as exc:  # the ``rl`` extra (gymnasium, mujoco) is not installed
     if exc.name not in ("gymnasium", "mujoco"):
         raise
 else:
     register_envs()
-    __all__ += ["ENV_SPECS", "Trajectories", "VectorSampler", "register_envs"]
+    __all__ += ["ENV_SPECS", "PolicyList", "Trajectories", "VectorSampler", "register_envs"]

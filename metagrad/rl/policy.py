@@ -6,7 +6,9 @@ gives the mean, and ``log_std`` is a learned state-independent parameter vector
 (initialised to 0, i.e. unit standard deviation). Its ``forward`` is a pure function of
 its parameters, so ``torch.func.functional_call`` (or :func:`metagrad.core.functional.forward`)
 runs it on an adapted ``params`` dict; :class:`FunctionalPolicy` binds a module to such
-a dict as the ``obs -> (mean, log_std)`` callable the sampler takes.
+a dict as the ``obs -> (mean, log_std)`` callable the sampler takes, and
+:class:`TaskBatchedPolicy` binds it to one parameter set per task (stacked along a
+leading task dimension) as a per-task policy that runs all tasks in one ``vmap`` call.
 
 Weights are Glorot-uniform with zero biases (rllab's TF layers default). The formulas
 below (log-density, entropy, KL) are written out rather than taken from
@@ -81,6 +83,59 @@ class FunctionalPolicy:
 
     def detached(self) -> FunctionalPolicy:
         return FunctionalPolicy(
+            self.module,
+            {k: v.detach() for k, v in self.params.items()},
+            {k: v.detach() for k, v in self.buffers.items()},
+        )
+
+
+class TaskBatchedPolicy:
+    """A policy module with one parameter set per task: ``(obs, task_ids) -> (mean, log_std)``.
+
+    ``params`` hold a leading task dimension (``[tasks, *shape]``). A call scatters the
+    rows into a padded ``[tasks, rows_per_task, obs_dim]`` batch, runs the module on all
+    tasks at once with ``torch.func.vmap`` and gathers the rows back, so rollouts with a
+    different (e.g. adapted) policy per task still cost one batched forward per time step.
+    The sampler recognises it by ``per_task = True``.
+    """
+
+    per_task = True
+
+    def __init__(
+        self, module: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor] | None = None
+    ) -> None:
+        self.module = module
+        self.params = params
+        self.buffers = buffers if buffers is not None else dict(module.named_buffers())
+        sizes = {v.shape[0] for v in params.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"parameters disagree on the number of tasks: {sorted(sizes)}")
+        self.num_tasks = sizes.pop()
+
+    def _one(self, p: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
+        return functional_call(self.module, (p, self.buffers), (obs,), strict=False)
+
+    def forward_tasks(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """``obs [tasks, N, obs_dim]`` -> mean ``[tasks, N, act_dim]``, log_std ``[tasks, ...]``."""
+        return torch.vmap(self._one)(self.params, obs)
+
+    def __call__(self, obs: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        task_ids = task_ids.long()
+        counts = torch.bincount(task_ids, minlength=self.num_tasks)
+        order = torch.argsort(task_ids, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(task_ids)
+        slot[order] = torch.arange(task_ids.numel()) - starts[task_ids[order]]
+        width = int(counts.max()) if task_ids.numel() else 0
+        padded = obs.new_zeros(self.num_tasks, width, obs.shape[-1])
+        padded[task_ids, slot] = obs
+        mean, log_std = self.forward_tasks(padded)
+        mean = mean[task_ids, slot]
+        log_std = log_std[task_ids] if log_std.dim() == 2 else log_std[task_ids, slot]
+        return mean, log_std
+
+    def detached(self) -> TaskBatchedPolicy:
+        return TaskBatchedPolicy(
             self.module,
             {k: v.detach() for k, v in self.params.items()},
             {k: v.detach() for k, v in self.buffers.items()},

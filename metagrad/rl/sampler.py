@@ -9,7 +9,12 @@ padded tensors with a mask.
 
 The policy is any callable ``obs [N, obs_dim] -> (mean [N, act_dim], log_std)``, e.g.
 the module :class:`~metagrad.rl.policy.GaussianMLPPolicy` itself or a
-:class:`~metagrad.rl.policy.FunctionalPolicy` bound to adapted parameters. Actions are
+:class:`~metagrad.rl.policy.FunctionalPolicy` bound to adapted parameters. A *per-task*
+policy (an object with a true ``per_task`` attribute, e.g.
+:class:`~metagrad.rl.policy.TaskBatchedPolicy`: one parameter set per task, as MAML's
+post-update sampling needs) is called as ``policy(obs, task_ids)`` with the task index
+(into ``tasks``) of every row, still once per time step for all running paths; a plain
+list of callables, one per task, is accepted too (one call per task and step). Actions are
 ``mean + exp(log_std) * eps``; the stored actions are these unclipped samples (the
 envs clip), so their log-probabilities are the ones the policy gradient needs.
 
@@ -22,7 +27,9 @@ torch threads (restored afterwards; ``None`` leaves the setting alone).
 Determinism: each :meth:`VectorSampler.sample` call draws the reset seed of every path
 and the noise ``eps [paths, T, act_dim]`` from the sampler's generator (``seed``), so
 a sampler built with the same seed gives the same batches, with or without workers.
-Envs are used through ``env.unwrapped``; the sampler applies the horizon itself
+``task_features`` (a picklable ``task -> sequence of floats``) appends those numbers to
+every observation of a path of that task: the "oracle" policy of MAML's RL experiments
+sees its goal. Envs are used through ``env.unwrapped``; the sampler applies the horizon itself
 (``max_path_length``, default the ID's ``max_episode_steps``) and treats a path ending
 at the horizon as not terminated.
 
@@ -38,7 +45,7 @@ see ``benchmarks/rl_sampling.py``.
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -52,6 +59,44 @@ from torch import Tensor
 from .policy import PolicyFn
 
 Task = dict[str, Any]
+TaskFeatures = Callable[[Task], Sequence[float]]
+
+
+class PolicyList:
+    """One ``obs -> (mean, log_std)`` callable per task, as a per-task policy.
+
+    Called as ``policy(obs, task_ids)``; rows of each task go through that task's
+    policy (one call per task present), so prefer a batched per-task policy such as
+    :class:`~metagrad.rl.policy.TaskBatchedPolicy` when speed matters.
+    """
+
+    per_task = True
+
+    def __init__(self, policies: Sequence[PolicyFn]) -> None:
+        self.policies = list(policies)
+
+    def __call__(self, obs: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        mean: Tensor | None = None
+        log_std: Tensor | None = None
+        for t in torch.unique(task_ids).tolist():
+            rows = (task_ids == t).nonzero().squeeze(-1)
+            m, ls = self.policies[t](obs[rows])
+            if mean is None or log_std is None:
+                mean = m.new_zeros(obs.shape[0], m.shape[-1])
+                log_std = m.new_zeros(obs.shape[0], m.shape[-1])
+            mean[rows] = m
+            log_std[rows] = ls.expand_as(m).to(m.dtype)
+        assert mean is not None and log_std is not None, "no rows"
+        return mean, log_std
+
+    def detached(self) -> PolicyList:
+        return PolicyList([getattr(p, "detached", lambda p=p: p)() for p in self.policies])
+
+
+def _call_policy(policy: Any, obs: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+    if getattr(policy, "per_task", False):
+        return policy(obs, task_ids)
+    return policy(obs)
 
 
 @dataclass
@@ -108,14 +153,20 @@ def rollout(
     policy: PolicyFn,
     noise: Tensor,
     max_path_length: int,
+    task_ids: Sequence[int] | np.ndarray | None = None,
+    extra_obs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Run one path per env (``envs[i]`` on ``tasks[i]``, reset with ``seeds[i]``).
 
-    ``noise [len(envs), T, act_dim]`` scales the policy's std; returns numpy arrays
-    ``obs, actions, rewards, lengths, terminated``.
+    ``noise [len(envs), T, act_dim]`` scales the policy's std; ``task_ids [len(envs)]``
+    (default ``0..n-1``) is what a per-task policy receives for each row, and
+    ``extra_obs [len(envs), k]`` is appended to every observation of each path.
+    Returns numpy arrays ``obs, actions, rewards, lengths, terminated``.
     """
     n, horizon = len(envs), max_path_length
-    obs_dim = int(np.prod(envs[0].observation_space.shape))
+    env_obs_dim = int(np.prod(envs[0].observation_space.shape))
+    obs_dim = env_obs_dim + (0 if extra_obs is None else extra_obs.shape[1])
+    ids = torch.as_tensor(np.arange(n) if task_ids is None else np.asarray(task_ids)).long()
     act_dim = int(np.prod(envs[0].action_space.shape))
     obs = np.zeros((n, horizon, obs_dim), np.float32)
     actions = np.zeros((n, horizon, act_dim), np.float32)
@@ -123,24 +174,27 @@ def rollout(
     lengths = np.full(n, horizon, np.int64)
     terminated = np.zeros(n, bool)
     current = np.zeros((n, obs_dim), np.float32)
+    if extra_obs is not None:
+        current[:, env_obs_dim:] = extra_obs
     for i, env in enumerate(envs):
         env.unwrapped.set_task(tasks[i])  # type: ignore[attr-defined]
-        current[i] = env.reset(seed=int(seeds[i]))[0]
+        current[i, :env_obs_dim] = env.reset(seed=int(seeds[i]))[0]
     active = np.arange(n)
     for t in range(horizon):
         if active.size == 0:
             break
         obs[active, t] = current[active]
         with torch.no_grad():
-            mean, log_std = policy(torch.from_numpy(current[active]))
-            eps = noise[torch.from_numpy(active), t].to(mean.dtype)
+            rows = torch.from_numpy(active)
+            mean, log_std = _call_policy(policy, torch.from_numpy(current[active]), ids[rows])
+            eps = noise[rows, t].to(mean.dtype)
             act = (mean + torch.exp(log_std) * eps).to(torch.float32).numpy()
         actions[active, t] = act
         keep = np.ones(active.size, bool)
         for j, i in enumerate(active):
             o, r, term, trunc, _ = envs[i].step(act[j])
             rewards[i, t] = r
-            current[i] = o
+            current[i, :env_obs_dim] = o
             if term or trunc:
                 keep[j] = False
                 lengths[i] = t + 1
@@ -163,13 +217,17 @@ def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any] | None) ->
             msg = conn.recv()
             if msg is None:
                 break
-            policy, tasks, seeds, noise, horizon = msg
+            policy, tasks, seeds, noise, horizon, task_ids, extra_obs = msg
             while len(envs) < len(tasks):
                 envs.append(make_env(env_id, env_kwargs).unwrapped)
             if len(tasks) == 0:
                 conn.send(None)
                 continue
-            conn.send(rollout(envs[: len(tasks)], tasks, seeds, policy, noise, horizon))
+            conn.send(
+                rollout(
+                    envs[: len(tasks)], tasks, seeds, policy, noise, horizon, task_ids, extra_obs
+                )
+            )
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
@@ -190,8 +248,10 @@ class VectorSampler:
         num_workers: int = 0,
         start_method: str = "spawn",
         num_threads: int | None = 1,
+        task_features: TaskFeatures | None = None,
     ) -> None:
         self.env_id = env_id
+        self.task_features = task_features
         self.num_threads = num_threads
         self.env_kwargs = dict(env_kwargs or {})
         probe = make_env(env_id, self.env_kwargs)
@@ -200,7 +260,11 @@ class VectorSampler:
                 raise ValueError(f"{env_id} has no max_episode_steps; pass max_path_length")
             max_path_length = probe.spec.max_episode_steps
         self.max_path_length = int(max_path_length)
-        self.obs_dim = int(np.prod(probe.observation_space.shape))
+        self.env_obs_dim = int(np.prod(probe.observation_space.shape))
+        extra = 0
+        if task_features is not None:
+            extra = len(task_features(probe.unwrapped.sample_tasks(1, np.random.default_rng(0))[0]))
+        self.obs_dim = self.env_obs_dim + extra
         self.act_dim = int(np.prod(probe.action_space.shape))
         self._envs: list[gymnasium.Env] = [probe.unwrapped]
         self._rng = np.random.default_rng(seed)
@@ -222,33 +286,54 @@ class VectorSampler:
     def num_workers(self) -> int:
         return len(self._procs)
 
-    def sample_tasks(self, n: int) -> list[Task]:
-        """``n`` tasks from the env's task distribution, drawn from the sampler's generator."""
-        return self._envs[0].unwrapped.sample_tasks(n, self._rng)  # type: ignore[attr-defined]
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[Task]:
+        """``n`` tasks from the env's task distribution, drawn from ``rng`` (default: the
+        sampler's generator)."""
+        rng = self._rng if rng is None else rng
+        return self._envs[0].unwrapped.sample_tasks(n, rng)  # type: ignore[attr-defined]
+
+    def seed(self, seed: int | np.random.SeedSequence | None) -> None:
+        """Restart the sampler's generator (the source of tasks, reset seeds and noise)."""
+        self._rng = np.random.default_rng(seed)
 
     def sample(
         self,
-        policy: PolicyFn,
+        policy: PolicyFn | Sequence[PolicyFn],
         tasks: Sequence[Task],
         paths_per_task: int,
         deterministic: bool = False,
     ) -> Trajectories:
-        """Roll out ``paths_per_task`` paths per task; ``deterministic`` uses the mean action."""
+        """Roll out ``paths_per_task`` paths per task; ``deterministic`` uses the mean action.
+
+        ``policy`` is one policy for all tasks, a per-task policy (``per_task = True``,
+        called with the task index of each row) or a list with one policy per task.
+        """
+        if isinstance(policy, list | tuple):
+            if len(policy) != len(tasks):
+                raise ValueError(f"{len(policy)} policies for {len(tasks)} tasks")
+            policy = PolicyList(policy)
         n = len(tasks) * paths_per_task
         horizon = self.max_path_length
         path_tasks = [tasks[i // paths_per_task] for i in range(n)]
+        task_ids = np.arange(n) // paths_per_task
+        extra = None
+        if self.task_features is not None:
+            feats = [list(self.task_features(task)) for task in tasks]
+            extra = np.asarray(feats, np.float32).reshape(len(tasks), -1)[task_ids]
         seeds = self._rng.integers(0, 2**31 - 1, size=n)
         gen = torch.Generator().manual_seed(int(self._rng.integers(0, 2**63 - 1)))
         noise = torch.randn(n, horizon, self.act_dim, generator=gen)
         if deterministic:
             noise.zero_()
         if self._conns:
-            out = self._sample_workers(policy, path_tasks, seeds, noise)
+            out = self._sample_workers(policy, path_tasks, seeds, noise, task_ids, extra)
         else:
             while len(self._envs) < n:
                 self._envs.append(make_env(self.env_id, self.env_kwargs).unwrapped)
             with torch_threads(self.num_threads):
-                out = rollout(self._envs[:n], path_tasks, seeds, policy, noise, horizon)
+                out = rollout(
+                    self._envs[:n], path_tasks, seeds, policy, noise, horizon, task_ids, extra
+                )
         lengths = torch.from_numpy(out["lengths"])
         mask = (torch.arange(horizon).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.float32)
         return Trajectories(
@@ -263,7 +348,13 @@ class VectorSampler:
         )
 
     def _sample_workers(
-        self, policy: PolicyFn, path_tasks: list[Task], seeds: np.ndarray, noise: Tensor
+        self,
+        policy: Any,
+        path_tasks: list[Task],
+        seeds: np.ndarray,
+        noise: Tensor,
+        task_ids: np.ndarray,
+        extra: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
         detached = getattr(policy, "detached", None)
         if callable(detached):
@@ -271,7 +362,9 @@ class VectorSampler:
         bounds = np.linspace(0, len(path_tasks), self.num_workers + 1).astype(int)
         for w, conn in enumerate(self._conns):
             lo, hi = bounds[w], bounds[w + 1]
-            conn.send((policy, path_tasks[lo:hi], seeds[lo:hi], noise[lo:hi], self.max_path_length))
+            part = None if extra is None else extra[lo:hi]
+            msg = (policy, path_tasks[lo:hi], seeds[lo:hi], noise[lo:hi], self.max_path_length)
+            conn.send((*msg, task_ids[lo:hi], part))
         parts = [conn.recv() for conn in self._conns]
         parts = [p for p in parts if p is not None]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,0 +1,468 @@
+"""MAML with policy gradients and a TRPO outer step (MAML paper, section 5.3).
+
+One meta-iteration on ``meta_batch`` tasks (:meth:`MAMLTRPO.step`):
+
+1. Sample ``rollouts`` paths per task with the pre-update policy ``theta`` (one batched
+   policy forward per time step over all envs).
+2. Per task: fit the linear feature baseline, GAE advantages (``gamma``, ``gae_lambda``),
+   normalised per task (rllab's ``center_adv``: centre and scale); REINFORCE loss
+   ``L_i(theta) = -mean_t(log pi_theta(a_t|s_t) A_t)`` over the task's valid steps; one
+   (or ``inner_steps``) gradient step ``theta'_i = theta - alpha grad L_i(theta)``. All
+   tasks adapt at once: ``theta`` is expanded to ``[tasks, ...]`` and one
+   ``torch.autograd.grad`` of ``sum_i L_i`` gives every task's own gradient (task ``i``'s
+   loss only reads row ``i``), with ``create_graph=True`` for the second-order
+   meta-gradient; the per-task forward runs under ``torch.func.vmap``.
+3. Sample post-update paths per task with its adapted policy (detached), through a
+   :class:`~metagrad.rl.policy.TaskBatchedPolicy`: still one batched forward per step.
+   With ``inner_steps > 1`` every inner step uses fresh paths of the policy adapted so
+   far, as the original code did.
+4. TRPO on ``theta`` for the post-update objective. :class:`MetaObjective` recomputes
+   the adaptation from the candidate ``theta`` inside each closure, so the surrogate
+   ``-mean_i mean_t(exp(log pi_theta'_i - log pi_old) A_post)`` and the constraint
+   ``mean_i mean_t KL(pi_old || pi_theta'_i)`` on the post-update observations are
+   differentiated through the inner step. The step uses :mod:`metagrad.rl.trpo`: conjugate
+   gradient on the exact (double backward through the inner step) or finite-difference
+   KL Hessian-vector product, then the backtracking line search (whose candidates are
+   evaluated with one inner step and no second-order graph).
+
+``adapt=False`` (methods ``pretrain`` and ``oracle``) is plain TRPO on the task
+distribution: no inner step, the objective is on the pre-update paths.
+
+:meth:`MAMLTRPO.adaptation_returns` is the test protocol of the original code: fresh
+paths before and after each policy-gradient step (step sizes e.g. ``alpha, alpha/2,
+alpha/2``), the average undiscounted return per path of each task after each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..core import MAML
+from .baseline import LinearFeatureBaseline
+from .policy import TaskBatchedPolicy, diag_gaussian_kl, diag_gaussian_log_prob
+from .returns import discounted_returns, gae_advantages, normalize_advantages
+from .sampler import Task, Trajectories, VectorSampler
+from .trpo import (
+    TRPOStepResult,
+    conjugate_gradient,
+    flatten,
+    hvp_exact,
+    hvp_finite_difference,
+    line_search,
+)
+
+Params = dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class PGBatch:
+    """Paths of a meta-batch, flattened per task: ``N = paths_per_task * T`` rows each."""
+
+    obs: Tensor  # [tasks, N, obs_dim]
+    actions: Tensor  # [tasks, N, act_dim]
+    advantages: Tensor  # [tasks, N]
+    mask: Tensor  # [tasks, N]
+    returns: Tensor  # [tasks] average undiscounted return per path
+
+    @property
+    def num_tasks(self) -> int:
+        return self.obs.shape[0]
+
+    def to(self, dtype: torch.dtype) -> PGBatch:
+        return PGBatch(
+            self.obs.to(dtype), self.actions.to(dtype), self.advantages.to(dtype),
+            self.mask.to(dtype), self.returns.to(dtype),
+        )  # fmt: skip
+
+
+def path_returns(traj: Trajectories) -> Tensor:
+    """Average undiscounted return per path of each task, ``[tasks]`` (task-major paths)."""
+    tasks = len(traj.tasks)
+    per_path = (traj.rewards * traj.mask).sum(1)
+    return per_path.view(tasks, -1).mean(1)
+
+
+def process_trajectories(
+    traj: Trajectories, gamma: float = 0.99, gae_lambda: float = 1.0, normalize: bool = True
+) -> PGBatch:
+    """Per-task baseline fit, GAE advantages (normalised per task) and the per-task view."""
+    tasks = len(traj.tasks)
+    paths = traj.obs.shape[0]
+    if tasks == 0 or paths % tasks:
+        raise ValueError(f"{paths} paths do not split evenly over {tasks} tasks")
+    per_task = paths // tasks
+    if not torch.equal(traj.task_index, torch.arange(paths) // per_task):
+        raise ValueError("paths must be task-major with the same number of paths per task")
+    returns = discounted_returns(traj.rewards, traj.mask, gamma)
+    values = LinearFeatureBaseline().fit_predict(traj.obs, returns, traj.mask, traj.task_index)
+    adv = gae_advantages(traj.rewards, values, traj.mask, gamma, gae_lambda)
+    if normalize:
+        adv = normalize_advantages(adv, traj.mask, traj.task_index)
+    return PGBatch(
+        obs=traj.obs.reshape(tasks, -1, traj.obs.shape[-1]),
+        actions=traj.actions.reshape(tasks, -1, traj.actions.shape[-1]),
+        advantages=adv.reshape(tasks, -1),
+        mask=traj.mask.reshape(tasks, -1),
+        returns=path_returns(traj),
+    )
+
+
+# --------------------------------------------------------------------------- functional pieces
+def _task_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the valid rows of each task: ``[tasks, N] -> [tasks]``."""
+    return (x * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def _per_row(log_std: Tensor, mean: Tensor) -> Tensor:
+    return log_std.unsqueeze(-2) if log_std.dim() == mean.dim() - 1 else log_std
+
+
+def batched_forward(
+    module: nn.Module, params: Params, buffers: Params, obs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-task parameters ``[tasks, ...]`` on ``obs [tasks, N, obs_dim]`` (``vmap``).
+
+    Returns ``mean [tasks, N, act_dim]`` and ``log_std`` broadcastable against it.
+    """
+
+    def one(p: Params, o: Tensor) -> tuple[Tensor, Tensor]:
+        return functional_call(module, (p, buffers), (o,), strict=False)
+
+    mean, log_std = torch.vmap(one)(params, obs)
+    return mean, _per_row(log_std, mean)
+
+
+def expand_params(params: Params, tasks: int) -> Params:
+    """``theta -> [tasks, ...]`` views of it (differentiable back to ``theta``)."""
+    return {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in params.items()}
+
+
+def reinforce_losses(module: nn.Module, params: Params, buffers: Params, batch: PGBatch) -> Tensor:
+    """``-mean_t(log pi(a_t|s_t) A_t)`` of each task under its own parameters, ``[tasks]``."""
+    mean, log_std = batched_forward(module, params, buffers, batch.obs)
+    logp = diag_gaussian_log_prob(batch.actions, mean, log_std)
+    return -_task_mean(logp * batch.advantages, batch.mask)
+
+
+def adapt_step(
+    module: nn.Module,
+    params: Params,
+    buffers: Params,
+    batch: PGBatch,
+    lr: float,
+    *,
+    second_order: bool = True,
+) -> Params:
+    """One policy-gradient step of every task's parameters ``[tasks, ...]`` on its paths.
+
+    With ``second_order`` (and grad mode on, and ``params`` in a graph) the inner
+    gradients are built with ``create_graph=True``, so the result is differentiable with
+    respect to the meta-parameters through them; otherwise the gradients are constants
+    (first-order MAML, or plain evaluation).
+    """
+    create = (
+        second_order and torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
+    )
+    with torch.enable_grad():
+        inputs = (
+            params if create else {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        )
+        loss = reinforce_losses(module, inputs, buffers, batch).sum()
+        grads = torch.autograd.grad(
+            loss, list(inputs.values()), create_graph=create, allow_unused=True
+        )
+    return {
+        k: p if g is None else p - lr * g for (k, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def adapt(
+    module: nn.Module,
+    params: Params,
+    buffers: Params,
+    batches: Sequence[PGBatch],
+    lrs: Sequence[float],
+    *,
+    second_order: bool = True,
+) -> Params:
+    """``theta`` (unbatched) adapted per task with step ``j`` on ``batches[j]`` (lr ``lrs[j]``)."""
+    if len(batches) != len(lrs):
+        raise ValueError(f"{len(batches)} batches for {len(lrs)} step sizes")
+    if not batches:
+        raise ValueError("adapt needs at least one batch (it fixes the number of tasks)")
+    fast = expand_params(params, batches[0].num_tasks)
+    for batch, lr in zip(batches, lrs, strict=True):
+        fast = adapt_step(module, fast, buffers, batch, lr, second_order=second_order)
+    return fast
+
+
+class MetaObjective:
+    """The post-update TRPO surrogate and KL as functions of the meta-parameters.
+
+    Args:
+        module: the policy (its parameter names and order define ``theta`` lists).
+        inner: the batches of the inner steps (empty: no adaptation, as ``pretrain``).
+        lrs: the inner step sizes, one per batch.
+        post: the paths the objective is evaluated on (post-update, or pre-update when
+            ``inner`` is empty), sampled by the "old" policy, i.e. the adaptation of the
+            module's current parameters.
+        first_order: treat the inner gradients as constants.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        inner: Sequence[PGBatch],
+        lrs: Sequence[float],
+        post: PGBatch,
+        *,
+        first_order: bool = False,
+    ) -> None:
+        self.module = module
+        self.names = [n for n, _ in module.named_parameters()]
+        self.buffers = dict(module.named_buffers())
+        dtype = next(module.parameters()).dtype
+        self.inner = [b.to(dtype) for b in inner]
+        self.lrs = list(lrs)
+        self.post = post.to(dtype)
+        self.first_order = first_order
+        with torch.no_grad():
+            theta = [p.detach() for p in module.parameters()]
+            mean, log_std = self.distribution(theta, graph=False)
+        self.old_mean, self.old_log_std = mean, log_std
+        self.old_logp = diag_gaussian_log_prob(self.post.actions, mean, log_std)
+
+    def adapted(self, theta: Sequence[Tensor], graph: bool = True) -> Params:
+        """Per-task post-update parameters ``[tasks, ...]`` from ``theta``."""
+        params = dict(zip(self.names, theta, strict=True))
+        if not self.inner:
+            return expand_params(params, self.post.num_tasks)
+        second = graph and not self.first_order
+        return adapt(self.module, params, self.buffers, self.inner, self.lrs, second_order=second)
+
+    def distribution(self, theta: Sequence[Tensor], graph: bool = True) -> tuple[Tensor, Tensor]:
+        """Post-update ``(mean, log_std)`` on the objective's observations."""
+        fast = self.adapted(theta, graph)
+        return batched_forward(self.module, fast, self.buffers, self.post.obs)
+
+    def _surrogate(self, mean: Tensor, log_std: Tensor) -> Tensor:
+        logp = diag_gaussian_log_prob(self.post.actions, mean, log_std)
+        ratio = torch.exp(logp - self.old_logp)
+        return -_task_mean(ratio * self.post.advantages, self.post.mask).mean()
+
+    def _kl(self, mean: Tensor, log_std: Tensor) -> Tensor:
+        kl = diag_gaussian_kl(self.old_mean, self.old_log_std, mean, log_std)
+        return _task_mean(kl, self.post.mask).mean()
+
+    def surrogate(self, theta: Sequence[Tensor]) -> Tensor:
+        """The loss TRPO minimises (differentiable through the inner step)."""
+        return self._surrogate(*self.distribution(theta))
+
+    def kl(self, theta: Sequence[Tensor]) -> Tensor:
+        """Mean over tasks of ``KL(old || new)`` (differentiable through the inner step)."""
+        return self._kl(*self.distribution(theta))
+
+    def evaluate(self, theta: Sequence[Tensor]) -> tuple[float, float]:
+        """Surrogate and KL at ``theta`` without building a meta-gradient graph."""
+        mean, log_std = self.distribution([t.detach() for t in theta], graph=False)
+        with torch.no_grad():
+            return float(self._surrogate(mean, log_std)), float(self._kl(mean, log_std))
+
+
+def meta_trpo_step(
+    objective: MetaObjective,
+    *,
+    max_kl: float = 0.01,
+    damping: float = 1e-5,
+    cg_iters: int = 10,
+    backtrack_ratio: float = 0.8,
+    max_backtracks: int = 15,
+    hvp: Literal["exact", "finite_difference"] = "exact",
+    fd_base_eps: float = 1.0,
+) -> TRPOStepResult:
+    """One TRPO step of the objective's module parameters (not applied; see ``params``).
+
+    As :func:`metagrad.rl.trpo.trpo_step`, except that the line search evaluates the
+    surrogate and the KL of a candidate together, with one inner step and no graph.
+    """
+    leaves = [p.detach().requires_grad_(True) for p in objective.module.parameters()]
+    loss = objective.surrogate(leaves)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    g = flatten(
+        [torch.zeros_like(p) if d is None else d for d, p in zip(grads, leaves, strict=True)]
+    )
+    if hvp == "exact":
+        avp = hvp_exact(objective.kl, leaves, damping)
+    elif hvp == "finite_difference":
+        avp = hvp_finite_difference(objective.kl, leaves, damping, base_eps=fd_base_eps)
+    else:
+        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
+    direction = conjugate_gradient(avp, g.detach(), iters=cg_iters)
+    shs = float(direction.dot(avp(direction)))
+    scale = math.sqrt(2.0 * max_kl / (shs + 1e-8)) if shs + 1e-8 > 0 else math.nan
+    if math.isnan(scale):
+        scale = 1.0
+    loss_before = float(loss.detach())
+    result = line_search(
+        objective.evaluate, leaves, -scale * direction, loss_before,
+        max_kl=max_kl, backtrack_ratio=backtrack_ratio, max_backtracks=max_backtracks,
+    )  # fmt: skip
+    return TRPOStepResult(
+        params=result.params,
+        accepted=result.accepted,
+        loss_before=loss_before,
+        loss_after=result.loss,
+        kl_after=result.kl,
+        backtracks=result.backtracks,
+        step_scale=scale,
+    )
+
+
+# --------------------------------------------------------------------------- module and loop
+def reinforce_loss_fn(output: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
+    """REINFORCE loss in :class:`~metagrad.core.MAML`'s ``loss_fn(prediction, target)`` form.
+
+    ``output = (mean [N, act_dim], log_std)``, ``target = [actions, advantages, mask]``
+    concatenated along the last dimension (see :func:`reinforce_target`).
+    """
+    mean, log_std = output
+    act_dim = mean.shape[-1]
+    actions, adv, mask = target[..., :act_dim], target[..., act_dim], target[..., act_dim + 1]
+    logp = diag_gaussian_log_prob(actions, mean, log_std)
+    return -(logp * adv * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def reinforce_target(actions: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Pack one task's ``actions [N, act_dim]``, ``advantages [N]``, ``mask [N]`` as a target."""
+    return torch.cat([actions, advantages.unsqueeze(-1), mask.unsqueeze(-1)], dim=-1)
+
+
+class PolicyMAML(MAML):
+    """A :class:`~metagrad.core.MAML` around a Gaussian policy with the REINFORCE loss.
+
+    ``maml.model`` is the policy (``obs -> (mean, log_std)``); ``maml.adapt(obs,
+    reinforce_target(actions, advantages, mask))`` takes one task's policy-gradient steps
+    and returns the adapted policy. Meta-training (TRPO) is done by :class:`MAMLTRPO`.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        inner_lr: float = 0.1,
+        inner_steps: int = 1,
+        first_order: bool = False,
+    ) -> None:
+        super().__init__(
+            policy, reinforce_loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
+            first_order=first_order, vectorize=True,
+        )  # fmt: skip
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.model
+
+
+@dataclass
+class MAMLTRPO:
+    """MAML-TRPO (or plain TRPO on the task distribution when ``adapt`` is false)."""
+
+    inner_lr: float = 0.1
+    inner_steps: int = 1
+    first_order: bool = False
+    adapt: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    normalize_advantages: bool = True
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    backtrack_ratio: float = 0.8
+    max_backtracks: int = 15
+    hvp: Literal["exact", "finite_difference"] = "exact"
+
+    def process(self, traj: Trajectories) -> PGBatch:
+        return process_trajectories(traj, self.gamma, self.gae_lambda, self.normalize_advantages)
+
+    def step(
+        self, policy: nn.Module, sampler: VectorSampler, tasks: Sequence[Task], rollouts: int
+    ) -> dict[str, float]:
+        """One meta-iteration on ``tasks``; updates ``policy``'s parameters in place."""
+        buffers = dict(policy.named_buffers())
+        theta = {n: p.detach() for n, p in policy.named_parameters()}
+        inner: list[PGBatch] = []
+        current = TaskBatchedPolicy(policy, expand_params(theta, len(tasks)), buffers)
+        steps = self.inner_steps if self.adapt else 0
+        for _ in range(steps):
+            inner.append(self.process(sampler.sample(current, tasks, rollouts)))
+            with torch.no_grad():
+                fast = adapt(policy, theta, buffers, inner, [self.inner_lr] * len(inner))
+            current = TaskBatchedPolicy(policy, fast, buffers)
+        post = self.process(sampler.sample(current, tasks, rollouts))
+        objective = MetaObjective(
+            policy, inner, [self.inner_lr] * len(inner), post, first_order=self.first_order
+        )
+        result = meta_trpo_step(
+            objective, max_kl=self.max_kl, damping=self.cg_damping, cg_iters=self.cg_iters,
+            backtrack_ratio=self.backtrack_ratio, max_backtracks=self.max_backtracks,
+            hvp=self.hvp,
+        )  # fmt: skip
+        with torch.no_grad():
+            for p, new in zip(policy.parameters(), result.params, strict=True):
+                p.copy_(new)
+        metrics: dict[str, float] = {
+            "return_pre": float((inner[0] if inner else post).returns.mean())
+        }
+        if inner:
+            metrics["return_post"] = float(post.returns.mean())
+        metrics |= {
+            "kl": result.kl_after if result.accepted else 0.0,
+            "improvement": result.loss_before - result.loss_after if result.accepted else 0.0,
+            "accepted": float(result.accepted),
+        }
+        return metrics
+
+    def adaptation_returns(
+        self,
+        policy: nn.Module,
+        sampler: VectorSampler,
+        tasks: Sequence[Task],
+        rollouts: int,
+        lrs: Sequence[float],
+    ) -> Tensor:
+        """Average return per path of each task after ``0..len(lrs)`` policy-gradient steps.
+
+        Step ``j`` uses fresh paths of the policy adapted so far and step size ``lrs[j]``.
+        Returns ``[tasks, len(lrs) + 1]``.
+        """
+        buffers = dict(policy.named_buffers())
+        fast = expand_params({n: p.detach() for n, p in policy.named_parameters()}, len(tasks))
+        curve = []
+        for j in range(len(lrs) + 1):
+            batch = self.process(
+                sampler.sample(TaskBatchedPolicy(policy, fast, buffers), tasks, rollouts)
+            )
+            curve.append(batch.returns)
+            if j < len(lrs):
+                with torch.no_grad():
+                    fast = adapt_step(policy, fast, buffers, batch, lrs[j], second_order=False)
+        return torch.stack(curve, dim=1)
+
+
+def task_features(task: dict[str, Any]) -> list[float]:
+    """The numbers that define a task (goal, velocity or direction), for oracle policies."""
+    out: list[float] = []
+    for key in sorted(task):
+        value = task[key]
+        if isinstance(value, list | tuple):
+            out.extend(float(v) for v in value)
+        else:
+            out.append(float(value))
+    return out

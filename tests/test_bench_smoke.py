@@ -1,0 +1,37 @@
+"""Smoke test of ``benchmarks/bench_maml.py``: one sinusoid iteration, metagrad only.
+
+The project venv has no peers installed, so the harness must skip them with a note. The
+harness runs in this process; the timed iteration still runs in its worker subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_bench_sinusoid_metagrad_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_maml")
+    argv = ["--config", "sinusoid", "--iters", "1", "--rounds", "1", "--warmup", "0"]
+    bench.main(
+        [*argv, "--libs", "metagrad,higher", "--check-tasks", "2", "--out-dir", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert "| metagrad |" in out
+    (result,) = tmp_path.glob("*-sinusoid.json")
+    assert result.with_suffix(".md").exists()
+    rows = json.loads(result.read_text())["libs"]
+    assert rows["metagrad"]["check"].startswith("PASS")
+    assert len(rows["metagrad"]["times_ms"]) == 1
+    if importlib.util.find_spec("higher") is None:
+        assert "higher: skipped (higher not installed)" in out
+        assert "higher" not in rows
