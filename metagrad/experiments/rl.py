@@ -170,6 +170,8 @@ class RLExperiment(Experiment):
 
     train_metrics = ("return_pre", "return_post", "kl", "improvement", "accepted")
     methods = ("maml", "pretrain", "oracle")
+    #: the TRPO step is not a plain gradient average: --nproc is refused for meta-RL (for now)
+    data_parallel = False
 
     def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
         super().__init__(cfg, device)
