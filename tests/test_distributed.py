@@ -193,10 +193,16 @@ def test_killed_rank_stops_the_other_and_keeps_the_checkpoint(tmp_path):
 def test_hung_rank_times_out(tmp_path):
     (tmp_path / "hang").mkdir()
     started = time.time()
-    code = D.launch(
-        [sys.executable, str(HERE / "dist_worker.py"), str(tmp_path), "hang"], 2,
-        env=env(METAGRAD_TEST_DIST_TIMEOUT="3"), grace_s=0.5, term_grace_s=0.5,
-    )  # fmt: skip
+    try:
+        code = D.launch(
+            [sys.executable, str(HERE / "dist_worker.py"), str(tmp_path), "hang"], 2,
+            env=env(METAGRAD_TEST_DIST_TIMEOUT="3"), grace_s=0.5, term_grace_s=0.5,
+        )  # fmt: skip
+    except D.DistributedError as e:
+        # gloo sometimes aborts the waiting process from C++ (SIGABRT) instead of raising
+        # in Python; the launcher then names the rank and how it died: no hang either way
+        assert "was killed by SIGABRT" in str(e) and time.time() - started < 40, str(e)
+        return
     took = time.time() - started
     assert code == 2 and took < 40, (code, took)
     message = (tmp_path / "hang-rank0.err").read_text()
