@@ -173,6 +173,27 @@ class _MujocoTaskMixin:
         model.vis.global_.offheight = max(model.vis.global_.offheight, height)
         return model, mujoco.MjData(model)
 
+    def __init__(self, task: Task | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # the gymnasium MuJoCo env after this mixin in the MRO
+        EzPickle.__init__(self, task=task, **kwargs)
+        if task is not None:
+            self.set_task(task)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        obs, info = super().reset(seed=seed, options=options)  # type: ignore[misc]
+        self._prepare_reset(options)  # after seeding: a task drawn here is reproducible
+        return obs, info
+
+    def _simulate(self, action: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Clip and apply ``action``; (clipped action, x after, x velocity of the torso)."""
+        a = self._clip(action)
+        x_before = float(self.data.qpos[0])  # type: ignore[attr-defined]
+        self.do_simulation(a, self.frame_skip)  # type: ignore[attr-defined]
+        x_after = float(self.data.qpos[0])  # type: ignore[attr-defined]
+        return a, x_after, (x_after - x_before) / self.dt  # type: ignore[attr-defined]
+
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
         raise NotImplementedError
 
@@ -242,25 +263,8 @@ class _DirectionTask:
 class _HalfCheetahTaskEnv(_MujocoTaskMixin, HalfCheetahEnv):
     """HalfCheetah-v5 dynamics with a task reward ``forward - 0.05 ||clip(a)||^2``."""
 
-    def __init__(self, task: Task | None = None, **kwargs: Any) -> None:
-        HalfCheetahEnv.__init__(self, **kwargs)
-        EzPickle.__init__(self, task=task, **kwargs)
-        if task is not None:
-            self.set_task(task)
-
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        obs, info = HalfCheetahEnv.reset(self, seed=seed, options=options)
-        self._prepare_reset(options)  # after seeding: a task drawn here is reproducible
-        return obs, info
-
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        a = self._clip(action)
-        x_before = float(self.data.qpos[0])
-        self.do_simulation(a, self.frame_skip)
-        x_after = float(self.data.qpos[0])
-        x_velocity = (x_after - x_before) / self.dt
+        a, x_after, x_velocity = self._simulate(action)
         forward = self._forward_term(x_velocity)  # type: ignore[attr-defined]
         ctrl = CHEETAH_CTRL_COST * float(np.sum(np.square(a)))
         info = {
@@ -287,25 +291,8 @@ class _AntTaskEnv(_MujocoTaskMixin, AntEnv):
 
     bonus: float = 0.0
 
-    def __init__(self, task: Task | None = None, **kwargs: Any) -> None:
-        AntEnv.__init__(self, **kwargs)
-        EzPickle.__init__(self, task=task, **kwargs)
-        if task is not None:
-            self.set_task(task)
-
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        obs, info = AntEnv.reset(self, seed=seed, options=options)
-        self._prepare_reset(options)  # after seeding: a task drawn here is reproducible
-        return obs, info
-
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        a = self._clip(action)
-        x_before = float(self.data.qpos[0])
-        self.do_simulation(a, self.frame_skip)
-        x_after = float(self.data.qpos[0])
-        x_velocity = (x_after - x_before) / self.dt
+        a, x_after, x_velocity = self._simulate(action)
         forward = self._forward_term(x_velocity)  # type: ignore[attr-defined]
         ctrl = ANT_CTRL_COST * float(np.sum(np.square(a)))
         contact = ANT_CONTACT_COST * float(np.sum(np.square(np.clip(self.data.cfrc_ext, -1, 1))))
