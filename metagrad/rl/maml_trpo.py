@@ -35,7 +35,6 @@ alpha/2``), the average undiscounted return per path of each task after each ste
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -49,14 +48,7 @@ from .baseline import LinearFeatureBaseline
 from .policy import TaskBatchedPolicy, diag_gaussian_kl, diag_gaussian_log_prob
 from .returns import discounted_returns, gae_advantages, normalize_advantages
 from .sampler import Task, Trajectories, VectorSampler
-from .trpo import (
-    TRPOStepResult,
-    conjugate_gradient,
-    flatten,
-    hvp_exact,
-    hvp_finite_difference,
-    line_search,
-)
+from .trpo import TRPOStepResult, trpo_step
 
 Params = dict[str, Tensor]
 
@@ -293,37 +285,12 @@ def meta_trpo_step(
     As :func:`metagrad.rl.trpo.trpo_step`, except that the line search evaluates the
     surrogate and the KL of a candidate together, with one inner step and no graph.
     """
-    leaves = [p.detach().requires_grad_(True) for p in objective.module.parameters()]
-    loss = objective.surrogate(leaves)
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    g = flatten(
-        [torch.zeros_like(p) if d is None else d for d, p in zip(grads, leaves, strict=True)]
-    )
-    if hvp == "exact":
-        avp = hvp_exact(objective.kl, leaves, damping)
-    elif hvp == "finite_difference":
-        avp = hvp_finite_difference(objective.kl, leaves, damping, base_eps=fd_base_eps)
-    else:
-        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
-    direction = conjugate_gradient(avp, g.detach(), iters=cg_iters)
-    shs = float(direction.dot(avp(direction)))
-    scale = math.sqrt(2.0 * max_kl / (shs + 1e-8)) if shs + 1e-8 > 0 else math.nan
-    if math.isnan(scale):
-        scale = 1.0
-    loss_before = float(loss.detach())
-    result = line_search(
-        objective.evaluate, leaves, -scale * direction, loss_before,
-        max_kl=max_kl, backtrack_ratio=backtrack_ratio, max_backtracks=max_backtracks,
+    return trpo_step(
+        objective.surrogate, objective.kl, list(objective.module.parameters()),
+        max_kl=max_kl, damping=damping, cg_iters=cg_iters, backtrack_ratio=backtrack_ratio,
+        max_backtracks=max_backtracks, hvp=hvp, fd_base_eps=fd_base_eps,
+        evaluate=objective.evaluate,
     )  # fmt: skip
-    return TRPOStepResult(
-        params=result.params,
-        accepted=result.accepted,
-        loss_before=loss_before,
-        loss_after=result.loss,
-        kl_after=result.kl,
-        backtracks=result.backtracks,
-        step_scale=scale,
-    )
 
 
 # --------------------------------------------------------------------------- module and loop

@@ -215,8 +215,12 @@ def trpo_step(
     max_backtracks: int = 15,
     hvp: Literal["exact", "finite_difference"] = "exact",
     fd_base_eps: float = 1.0,
+    evaluate: Callable[[Sequence[Tensor]], tuple[float, float]] | None = None,
 ) -> TRPOStepResult:
     """One TRPO update of ``params`` minimising ``loss_fn`` subject to ``kl_fn <= max_kl``.
+
+    ``evaluate(theta) -> (loss, kl)`` scores line-search candidates (default: ``loss_fn``
+    and ``kl_fn``); pass a cheaper one that needs no gradient graph when there is one.
 
     ``kl_fn(theta)`` must be the KL between the fixed old policy and the policy at
     ``theta`` (zero, with zero gradient, at ``params``).
@@ -224,6 +228,8 @@ def trpo_step(
     leaves = _leaves(params)
     loss = loss_fn(leaves)
     g = flatten(_grads(loss, leaves)).detach()
+    loss_before = _item(loss)
+    del loss  # frees the loss graph before the Hessian-vector products
     if hvp == "exact":
         avp = hvp_exact(kl_fn, leaves, damping)
     elif hvp == "finite_difference":
@@ -236,10 +242,10 @@ def trpo_step(
     if math.isnan(scale):
         scale = 1.0
     result = line_search(
-        lambda cand: (loss_fn(cand), kl_fn(cand)),
+        evaluate or (lambda cand: (loss_fn(cand), kl_fn(cand))),
         leaves,
         -scale * direction,
-        _item(loss),
+        loss_before,
         max_kl=max_kl,
         backtrack_ratio=backtrack_ratio,
         max_backtracks=max_backtracks,
@@ -247,7 +253,7 @@ def trpo_step(
     return TRPOStepResult(
         params=result.params,
         accepted=result.accepted,
-        loss_before=_item(loss),
+        loss_before=loss_before,
         loss_after=result.loss,
         kl_after=result.kl,
         backtracks=result.backtracks,
