@@ -66,9 +66,9 @@ def test_navigation_reward_clipping_and_termination() -> None:
     obs, _ = env.reset(seed=0)
     assert obs.dtype == np.float32 and np.array_equal(obs, [0.0, 0.0])
     pos = np.zeros(2)
-    for a in ([0.5, -0.5], [0.05, 0.02], [-1.0, 0.07], [0.1, -0.1]):
+    for a in ([5.0, -5.0], [0.5, 0.2], [-10.0, 0.7], [1.0, -1.0]):
         obs, r, term, trunc, info = env.step(np.array(a, np.float32))
-        pos = pos + np.clip(np.array(a, np.float32).astype(np.float64), -0.1, 0.1)
+        pos = pos + 0.1 * np.clip(np.array(a, np.float32).astype(np.float64), -1, 1)
         np.testing.assert_allclose(info["position"], pos, atol=1e-12)
         np.testing.assert_allclose(obs, pos.astype(np.float32))
         assert r == pytest.approx(-np.linalg.norm(pos - [0.3, -0.2]), abs=1e-12)
@@ -76,7 +76,7 @@ def test_navigation_reward_clipping_and_termination() -> None:
     # Within 0.01 of the goal in each coordinate terminates; 0.011 does not.
     for off, done in ((0.0099, True), (0.011, False)):
         obs, _ = env.reset(options={"task": {"goal": [0.05, -0.03]}})
-        _, r, term, _, _ = env.step(np.array([0.05 + off, -0.03 + off]))
+        _, r, term, _, _ = env.step(np.array([0.05 + off, -0.03 + off]) / 0.1)
         assert term is done
         assert r == pytest.approx(-np.sqrt(2) * off, rel=1e-6)
     # Horizon 100 through the TimeLimit.

@@ -33,7 +33,7 @@ def _check_navigation(tr: Trajectories, tasks: list[dict], k: int) -> None:
         assert torch.all(t[pad] == 0), name
     assert torch.all(tr.obs[:, 0] == 0)  # every path starts at the origin
     # Dynamics and reward recomputed from the stored data.
-    clipped = tr.actions.double().clamp(-0.1, 0.1)
+    clipped = 0.1 * tr.actions.double().clamp(-1, 1)
     pos = torch.cumsum(clipped, dim=1)
     valid = tr.mask[:, 1:] > 0
     torch.testing.assert_close(tr.obs[:, 1:][valid], pos[:, :-1][valid].float())
@@ -69,7 +69,7 @@ def test_navigation_termination_masks() -> None:
 
     def to_goal(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Heads for the first goal: reaches it (within 0.01) at the second step.
-        return torch.tensor(goal, dtype=torch.float32) - obs, torch.zeros(2)
+        return (torch.tensor(goal, dtype=torch.float32) - obs) / 0.1, torch.zeros(2)
 
     tr = VectorSampler(NAV, seed=3).sample(to_goal, tasks, paths_per_task=2, deterministic=True)
     _check_navigation(tr, tasks, 2)

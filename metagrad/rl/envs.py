@@ -21,8 +21,11 @@ which add up to the reward) and the measured ``x_velocity``.
 Rewards follow cbfinn/maml_rl (``point_env_randgoal.py``, ``half_cheetah_env_rand.py``,
 ``half_cheetah_env_rand_direc.py``, ``ant_env_rand.py``, ``ant_env_rand_direc.py``):
 
-* Navigation2D: ``pos += clip(a, -0.1, 0.1)``; ``r = -||pos - goal||``; terminated when
-  ``|dx| < 0.01 and |dy| < 0.01``.
+* Navigation2D: ``pos += 0.1 * clip(a, -1, 1)``; ``r = -||pos - goal||``; terminated when
+  ``|dx| < 0.01 and |dy| < 0.01``. The point env's own bounds are ``+-0.1``; the original
+  wrapped it in rllab's ``normalize()``, which maps the policy's ``[-1, 1]`` onto them,
+  so the policy acts in ``[-1, 1]`` units here too (a unit-std initial policy explores
+  steps of ~0.1, not saturated ones).
 * HalfCheetahVel: ``r = -|v_x - v_goal| - 0.05 ||clip(a)||^2``.
 * HalfCheetahDir: ``r = dir * v_x - 0.05 ||clip(a)||^2``.
 * AntVel: ``r = -|v_x - v_goal| + 1.0 - 0.005 ||clip(a)||^2 - contact + 0.05``.
@@ -33,9 +36,11 @@ Rewards follow cbfinn/maml_rl (``point_env_randgoal.py``, ``half_cheetah_env_ran
 
 Findings from reading the original code (the formulas above already follow it):
 
-* Actions: the original ran every env inside rllab's ``normalize()``, which clips the
-  action to the action bounds before the env sees it, so every control cost is on the
-  clipped action; here the env clips (the sampler stores the unclipped Gaussian sample).
+* Actions: the original ran every env inside rllab's ``normalize()``, which maps the
+  action from ``[-1, 1]`` onto the env's bounds and clips it before the env sees it, so
+  every control cost is on the clipped action; here the env clips (the sampler stores the
+  unclipped Gaussian sample). The locomotion bounds are ``[-1, 1]`` (the map is the
+  identity); the point env's are ``+-0.1`` (the map scales by 0.1).
   The Ant cost in the original is ``0.5e-2 * sum((a / scaling)^2)`` with rllab's ant.xml
   ``ctrlrange = +-150`` (gear 1), i.e. ``0.005 ||a||^2`` in normalised units, which is what
   gymnasium's ant.xml (``ctrlrange = +-1``, gear 150) takes directly.
@@ -103,16 +108,20 @@ _MODEL_CACHE: dict[str, mujoco.MjModel] = {}
 class Navigation2DEnv(gymnasium.Env):
     """2D point navigation to a goal (MAML's ``PointEnvRandGoal``).
 
-    The point starts at the origin; the action is a velocity clipped to ``[-0.1, 0.1]``
-    per coordinate; the reward is minus the distance to the goal after the move.
+    The point starts at the origin; the action, in rllab's normalised units, is clipped to
+    ``[-1, 1]`` per coordinate and scaled by ``max_step`` (0.1) into the move; the reward is
+    minus the distance to the goal after the move.
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
 
-    def __init__(self, task: Task | None = None, tolerance: float = 0.01) -> None:
+    def __init__(
+        self, task: Task | None = None, tolerance: float = 0.01, max_step: float = 0.1
+    ) -> None:
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
-        self.action_space = spaces.Box(-0.1, 0.1, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         self.tolerance = tolerance
+        self.max_step = max_step
         self._goal: np.ndarray | None = None
         self._pos = np.zeros(2)
         if task is not None:
@@ -145,8 +154,8 @@ class Navigation2DEnv(gymnasium.Env):
         assert self._goal is not None, "call reset() first"
         # Plain float arithmetic: numpy call overhead dominates for a 2-vector.
         ax, ay = np.asarray(action, dtype=np.float64).reshape(2).tolist()
-        x = float(self._pos[0]) + min(max(ax, -0.1), 0.1)
-        y = float(self._pos[1]) + min(max(ay, -0.1), 0.1)
+        x = float(self._pos[0]) + self.max_step * min(max(ax, -1.0), 1.0)
+        y = float(self._pos[1]) + self.max_step * min(max(ay, -1.0), 1.0)
         self._pos = np.array((x, y))
         dx, dy = x - float(self._goal[0]), y - float(self._goal[1])
         distance = math.sqrt(dx * dx + dy * dy)
