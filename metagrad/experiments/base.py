@@ -63,8 +63,7 @@ class Experiment:
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float]:
         """Compute the loss of one batch and backpropagate it (the caller steps)."""
-        loss = maml.meta_loss(*batch)
-        loss.backward()
+        loss = maml.meta_backward(*batch)
         return {"loss": loss.item()}
 
     def validate(self, maml: MAML) -> dict[str, float]:

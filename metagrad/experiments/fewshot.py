@@ -38,6 +38,7 @@ COMMON: dict[str, Any] = {
     "meta_lr": 1e-3,
     "first_order": False,
     "vectorize": "auto",
+    "compile": False,  # torch.compile the per-task meta-gradient (MAML(compile=True))
     "threads": 1,  # torch threads; a per-task loop of small convs is fastest on one (0: all)
     "model": "conv4",
     "data_dir": "",
@@ -140,12 +141,11 @@ class FewShotExperiment(Experiment):
         return MAML(
             self.network(), F.cross_entropy, inner_lr=cfg["inner_lr"],
             inner_steps=cfg["inner_steps"], first_order=cfg["first_order"],
-            vectorize=self.vectorize,
+            vectorize=self.vectorize, compile=cfg["compile"],
         )  # fmt: skip
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float]:
-        loss, logits = maml.meta_loss(*batch, return_outputs=True)
-        loss.backward()
+        loss, logits = maml.meta_backward(*batch, return_outputs=True)
         return {"loss": loss.item(), "accuracy": accuracy(logits.detach(), batch[3]).item()}
 
     def _accuracy_curve(self, maml: MAML, batch: Batch, steps: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "first_order": False,
     "meta_lr": 1e-3,
     "vectorize": "auto",
+    "compile": False,  # torch.compile the meta-gradient (MAML(compile=True))
     "threads": 1,  # torch threads; a tiny MLP runs fastest on one (0: torch's default)
     "log_every": 100,
     "checkpoint_every": 2000,
@@ -88,6 +89,7 @@ class SinusoidExperiment(Experiment):
         return MAML(
             model, _mse, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
             first_order=cfg["first_order"], vectorize=self.vectorize,
+            compile=cfg["compile"],
         )  # fmt: skip
 
     def sample(self, generator: torch.Generator) -> Batch:
