@@ -23,18 +23,26 @@ Factory = Callable[[nn.Module, LossFn, float, int, bool], Step]
 
 
 class Metagrad:
-    """metagrad's ``MAML`` with its default strategy (kept, so its verdict can be read)."""
+    """metagrad's ``MAML.meta_backward`` with its default strategy (kept, so its verdict can
+    be read); ``compile=True`` for the compiled variant."""
+
+    compile = False
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, lr: float, steps: int, fo: bool):
         from metagrad import MAML
 
-        self.maml = MAML(model, loss_fn, inner_lr=lr, inner_steps=steps, first_order=fo)
+        self.maml = MAML(
+            model, loss_fn, inner_lr=lr, inner_steps=steps, first_order=fo, compile=self.compile
+        )
 
     def __call__(self, batch: Batch) -> Tensor:
-        loss = self.maml.meta_loss(*batch)
+        loss = self.maml.meta_backward(*batch)
         assert isinstance(loss, Tensor)
-        loss.backward()
         return loss
+
+
+class MetagradCompiled(Metagrad):
+    compile = True
 
 
 def _higher(model: nn.Module, loss_fn: LossFn, lr: float, steps: int, fo: bool) -> Step:
@@ -136,7 +144,12 @@ def _torchopt_metasgd(model: nn.Module, loss_fn: LossFn, lr: float, steps: int, 
 
 # name -> (module that must be importable, factory, idiom shown in the report)
 LIBS: dict[str, tuple[str, Factory, str]] = {
-    "metagrad": ("metagrad", Metagrad, "MAML.meta_loss (default strategy)"),
+    "metagrad": ("metagrad", Metagrad, "MAML.meta_backward (default strategy)"),
+    "metagrad-compile": (
+        "metagrad",
+        MetagradCompiled,
+        "MAML(compile=True).meta_backward (compile time apart)",
+    ),
     "higher": ("higher", _higher, "innerloop_ctx, SGD, per-task backward"),
     "torchopt": ("torchopt", _functional_loop(_torchopt_sgd), "torchopt.sgd + functional_call"),
     "torchopt-metasgd": ("torchopt", _torchopt_metasgd, "MetaSGD + extract/recover_state_dict"),

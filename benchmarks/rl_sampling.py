@@ -62,6 +62,7 @@ def main() -> None:
         # and 40 tasks x 20 paths (locomotion); smaller here to keep the run short.
         "metagrad/Navigation2D-v0": (20, 20),
         "metagrad/HalfCheetahVel-v0": (10, 10) if not args.quick else (4, 5),
+        "metagrad/AntVel-v0": (10, 10) if not args.quick else (4, 5),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} default threads")
     for env_id, (tasks, paths) in configs.items():
