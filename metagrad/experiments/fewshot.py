@@ -7,7 +7,11 @@ N times the mean, so its step alpha on that loss is a step of N*alpha on the mea
 (N=5: 0.4 there is 2.0 here). The presets keep the paper's alpha on the mean loss, which
 is what the published numbers are reached with here (see README, measured rows).
 
-Training queries follow the original code: K query images per class. Evaluation reports
+Training queries: the 5-way Omniglot presets (like MiniImagenet, and like the original code
+for MiniImagenet) train on 15 query images per class; the original code used K for
+Omniglot, and measured here 15 is better under both protocols (omniglot-5w1s, 60 minutes:
+99.2% vs 98.6% paper protocol, see README). The 20-way presets keep K (15 would be 300
+query images per task). ``--set queries=N`` overrides it. Evaluation reports
 two protocols from the same command: the paper's (K query images per class) and the
 common modern one (15 query images per class), 600 test tasks each, accuracy after each
 number of test-time steps with a 95% confidence interval.
@@ -53,9 +57,11 @@ COMMON: dict[str, Any] = {
 }
 
 
-def _omniglot(ways: int, shots: int, batch: int, steps: int, lr: float, test_steps: int):
+def _omniglot(
+    ways: int, shots: int, batch: int, steps: int, lr: float, test_steps: int, queries: int
+):
     return COMMON | {
-        "experiment": "omniglot", "ways": ways, "shots": shots, "queries": shots,
+        "experiment": "omniglot", "ways": ways, "shots": shots, "queries": queries,
         "meta_batch": batch, "inner_steps": steps, "inner_lr": lr, "eval_steps": test_steps,
         "split": "paper", "rotation": "per-task", "eval_rotation": "per-task", "filters": 64,
     }  # fmt: skip
@@ -71,13 +77,13 @@ def _mini(shots: int, batch: int):
 
 PRESETS = {
     "omniglot-5w1s": ("Omniglot 5-way 1-shot, conv4, batch 32, 1 step a=0.4 (3 at test)",
-                      _omniglot(5, 1, 32, 1, 0.4, 3)),
+                      _omniglot(5, 1, 32, 1, 0.4, 3, 15)),
     "omniglot-5w5s": ("Omniglot 5-way 5-shot, conv4, batch 32, 1 step a=0.4 (3 at test)",
-                      _omniglot(5, 5, 32, 1, 0.4, 3)),
+                      _omniglot(5, 5, 32, 1, 0.4, 3, 15)),
     "omniglot-20w1s": ("Omniglot 20-way 1-shot, conv4, batch 16, 5 steps a=0.1",
-                       _omniglot(20, 1, 16, 5, 0.1, 5)),
+                       _omniglot(20, 1, 16, 5, 0.1, 5, 1)),
     "omniglot-20w5s": ("Omniglot 20-way 5-shot, conv4, batch 16, 5 steps a=0.1",
-                       _omniglot(20, 5, 16, 5, 0.1, 5)),
+                       _omniglot(20, 5, 16, 5, 0.1, 5, 5)),
     "miniimagenet-5w1s": ("MiniImagenet 5-way 1-shot, conv4 32 filters, batch 4, 5 steps a=0.01",
                           _mini(1, 4)),
     "miniimagenet-5w5s": ("MiniImagenet 5-way 5-shot, conv4 32 filters, batch 2, 5 steps a=0.01",
