@@ -292,7 +292,10 @@ class MAML(nn.Module):
                 grads, (_, aux) = grad_fn(*args)
                 return grads, aux
 
-            self._grad_fns[key] = torch.compile(grads_and_aux, dynamic=False)
+            # on CPU a C++ wrapper around the kernels saves the Python call overhead that
+            # dominates small models (~15% of a sinusoid meta-iteration)
+            options = {"cpp_wrapper": True} if key[3] == "cpu" else None
+            self._grad_fns[key] = torch.compile(grads_and_aux, dynamic=False, options=options)
         return self._grad_fns[key]
 
     def adapt(
