@@ -71,7 +71,7 @@ def experiment(case: str, rank: int = 0) -> Experiment:
     if case == "conv":
         cfg = preset("omniglot-5w1s") | {
             "preset": "omniglot-5w1s", "iterations": 2, "meta_batch": 4, "val_every": 0,
-            "log_every": 1,
+            "log_every": 1, "queries": 1,  # the synthetic data has 4 images per class
         }  # fmt: skip
         return SyntheticOmniglot(cfg, CPU)
     if case == "seeds":  # each rank its own seed: only the start-up broadcast makes them agree
