@@ -65,7 +65,7 @@ class MAML(nn.Module):
         vectorize: ``True`` batches tasks with ``vmap`` (after checking it is exact for this
             model), ``False`` loops over tasks, ``None`` picks the fastest exact one.
         compile: run :meth:`meta_backward` as a ``torch.compile``-d
-            ``torch.func.grad_and_value`` of the meta-loss (one graph for a vmapped batch,
+            ``torch.func.grad`` of the meta-loss (with the loss as aux) (one graph for a vmapped batch,
             one per-task graph reused across a loop). The first call per input shape pays
             the compile time (tens of seconds on a CPU); worth it for small models trained
             for many iterations. :meth:`meta_loss` itself always runs eagerly.
@@ -200,7 +200,7 @@ class MAML(nn.Module):
         what differs is the cost: with the per-task loop each task's graph is freed by its
         own backward before the next task runs (peak memory of one task instead of the
         whole meta-batch), and with ``compile=True`` the gradient comes from a compiled
-        ``torch.func.grad_and_value`` (see the class docstring).
+        ``torch.func.grad`` (see the class docstring).
         """
         _check_batch(support_x, support_y, query_x, query_y)
         data = (support_x, support_y, query_x, query_y)
@@ -286,15 +286,10 @@ class MAML(nn.Module):
                 mean = losses.mean()
                 return mean, (mean.detach(), outputs.detach())
 
-            grad_fn = torch.func.grad_and_value(loss, has_aux=True)
-
-            def grads_and_aux(*args: object) -> tuple[Params, tuple[Tensor, Tensor]]:
-                grads, (_, aux) = grad_fn(*args)
-                return grads, aux
-
             # on CPU a C++ wrapper around the kernels saves the Python call overhead that
             # dominates small models (~15% of a sinusoid meta-iteration)
             options = {"cpp_wrapper": True} if key[3] == "cpu" else None
+            grads_and_aux = torch.func.grad(loss, has_aux=True)  # -> (grads, aux)
             self._grad_fns[key] = torch.compile(grads_and_aux, dynamic=False, options=options)
         return self._grad_fns[key]
 
