@@ -31,23 +31,34 @@ def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) 
     steps = steps if steps is not None else results[0]["steps"]
     metric = results[0]["metric"]
     head = ["method", "setting"] + [f"{s} step{'s' * (s != 1)}" for s in steps]
-    rows = []
+    rows, notes = [], set()
     for res in results:
         for setting, vals in res["results"].items():
+            diverged = vals.get("diverged", [0] * len(res["steps"]))
+            # a task that diverged makes the plain mean inf: then the whole row is over the
+            # tasks that stayed finite at every step (one task set for every column)
+            converged = any(diverged) and "mse_converged" in vals
+            key, ci_key = ("mse_converged", "ci95_converged") if converged else (metric, "ci95")
+            if converged:
+                lost = res["tasks"] - vals["converged_tasks"]
+                notes.add(
+                    f"{res['method']} {setting}*: mean over the {vals['converged_tasks']} of "
+                    f"{res['tasks']} tasks that stayed finite at every step ({lost} diverged)"
+                )
             cells = []
             for s in steps:
                 i = res["steps"].index(s)
                 scale = 100.0 if metric == "accuracy" else 1.0
-                mean, ci = vals[metric][i] * scale, vals["ci95"][i] * scale
-                diverged = vals.get("diverged", [0] * len(steps))[i]
-                if diverged:
-                    cells.append(f"diverged on {diverged} task{'s' * (diverged > 1)}")
+                mean, ci = vals[key][i] * scale, vals[ci_key][i] * scale
+                if diverged[i] and not converged:
+                    cells.append(f"diverged on {diverged[i]} task{'s' * (diverged[i] > 1)}")
                 else:
                     cells.append(f"{mean:.3f} ± {ci:.3f}")
-            rows.append([res["method"], setting, *cells])
+            rows.append([res["method"], setting + "*" * converged, *cells])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     unit = " (%)" if metric == "accuracy" else ""
     lines = [f"{metric}{unit}, mean ± 95% CI", fmt.format(*head)]
     lines += [fmt.format(*r) for r in rows]
+    lines += sorted(notes)
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from ..tasks import SinusoidTasks
 from .base import Batch, Experiment
 from .config import register_preset
 from .runs import Run
-from .stats import mean_ci95
+from .stats import summarize_curves
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "sinusoid",
@@ -140,13 +140,7 @@ class SinusoidExperiment(Experiment):
         results = {}
         for k in cfg["eval_shots"]:
             curves = self._curves(maml, batch, k, maml.inner_lr, cfg["eval_steps"])
-            mean, ci = mean_ci95(curves)
-            # plain SGD at a fixed step size can diverge on a rare task (points bunched at
-            # |x| near 5 make the loss very steep); the mean then is inf, so the median and
-            # the number of such tasks are reported beside it
-            diverged = (~torch.isfinite(curves) | (curves > 1e6)).sum(0).tolist()
-            median = curves.nan_to_num(nan=float("inf")).median(0).values.tolist()
-            results[f"K={k}"] = {"mse": mean, "ci95": ci, "median": median, "diverged": diverged}
+            results[f"K={k}"] = summarize_curves(curves)  # reports diverged tasks too
         return {
             "experiment": "sinusoid",
             "method": cfg["method"],

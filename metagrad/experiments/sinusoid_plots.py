@@ -74,17 +74,17 @@ def figure3(results: list[dict], path: Path) -> Path:
             steps = res["steps"]
             vals = res["results"][key]
             diverged = vals.get("diverged", [0] * len(steps))
-            ok = [i for i, d in enumerate(diverged) if d == 0]
-            mean = torch.tensor(vals["mse"])[ok]
-            ci = torch.tensor(vals["ci95"])[ok]
             label = LABELS.get(res["method"], res["method"])
-            x = [steps[i] for i in ok]
-            (line,) = ax.plot(x, mean, marker="o", ms=3, label=label)
+            if any(diverged) and "mse_converged" in vals:  # the plain mean is inf somewhere
+                x, mean, ci = steps, vals["mse_converged"], vals["ci95_converged"]
+                label += f" ({vals['converged_tasks']} of {res['tasks']} tasks; rest diverged)"
+            else:
+                x = [s for s, d in zip(steps, diverged, strict=True) if d == 0]
+                mean = [m for m, d in zip(vals["mse"], diverged, strict=True) if d == 0]
+                ci = [c for c, d in zip(vals["ci95"], diverged, strict=True) if d == 0]
+            mean, ci = torch.tensor(mean), torch.tensor(ci)
+            ax.plot(x, mean, marker="o", ms=3, label=label)
             ax.fill_between(x, mean - ci, mean + ci, alpha=0.25)
-            bad = [steps[i] for i, d in enumerate(diverged) if d]
-            if bad:  # the mean is infinite there: mark it instead of drawing it
-                ax.plot(bad, [top * 0.97] * len(bad), "x", color=line.get_color(),
-                        label=f"{label}: diverged on {max(diverged)} of {res['tasks']} tasks")  # fmt: skip
         ax.set_ylim(0, top)
         ax.set_title(f"k-shot regression, {key}")
         ax.set_xlabel("number of gradient steps")
