@@ -16,7 +16,7 @@ def evaluate_run(run: Run, device: torch.device, *, reuse: bool = False) -> dict
     if reuse and (run.path / EVAL).is_file():
         return run.read_json(EVAL)
     cfg = run.config()
-    if cfg.get("threads", 0) > 0:  # small per-task ops: extra threads only add overhead
+    if cfg.get("threads", 0) > 0:  # the run's setting (0: torch's default)
         torch.set_num_threads(cfg["threads"])
     exp = experiment_for(cfg, device)
     maml = exp.load_trained(run, device)

@@ -43,7 +43,7 @@ COMMON: dict[str, Any] = {
     "first_order": False,
     "vectorize": "auto",
     "compile": False,  # torch.compile the per-task meta-gradient (MAML(compile=True))
-    "threads": 1,  # torch threads; a per-task loop of small convs is fastest on one (0: all)
+    "threads": 0,  # torch threads; 0: torch's default (all cores; cores / processes with --nproc)
     "model": "conv4",
     "data_dir": "",
     "log_every": 50,
