@@ -265,6 +265,8 @@ def report(name: str, args: argparse.Namespace, res: dict) -> str:
 
 def bench(name: str, args: argparse.Namespace) -> str:
     cfg = CONFIGS[name]
+    # 0: the metagrad preset's setting (one thread for the tiny MLP, every core for convnets)
+    args = argparse.Namespace(**{**vars(args), "threads": args.threads or default_threads(cfg)})
     iters, rounds = args.iters or cfg.iters, args.rounds or cfg.rounds
     warmup = cfg.warmup if args.warmup is None else args.warmup
     chosen = args.libs.split(",") if args.libs else list(LIBS)
@@ -328,6 +330,10 @@ def bench(name: str, args: argparse.Namespace) -> str:
     return text
 
 
+def default_threads(cfg: Config) -> int:
+    return 1 if cfg.kind == "sinusoid" else os.cpu_count() or 1
+
+
 def _installed(pkg: str) -> bool:
     try:
         version(pkg)
@@ -344,7 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per round")
     p.add_argument("--first-order", action="store_true")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="torch.set_num_threads for every library (0: 1 for sinusoid, all cores for convnets)",
+    )  # fmt: skip
     p.add_argument("--libs", default="", help=f"comma-separated subset of {','.join(LIBS)}")
     p.add_argument("--check-tasks", type=int, default=4, help="tasks in the grad check (0: all)")
     p.add_argument("--seed", type=int, default=0)

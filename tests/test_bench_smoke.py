@@ -29,7 +29,9 @@ def test_bench_sinusoid_metagrad_only(
     assert "| metagrad |" in out
     (result,) = tmp_path.glob("*-sinusoid.json")
     assert result.with_suffix(".md").exists()
-    rows = json.loads(result.read_text())["libs"]
+    data = json.loads(result.read_text())
+    assert data["threads"] == 1  # the default for sinusoid: the preset's single thread
+    rows = data["libs"]
     assert rows["metagrad"]["check"].startswith("PASS")
     assert len(rows["metagrad"]["times_ms"]) == 1
     if importlib.util.find_spec("higher") is None:

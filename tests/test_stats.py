@@ -16,9 +16,7 @@ def test_mean_ci95_is_196_standard_errors():
 
 
 def test_diverged_task_is_counted_and_left_out_of_the_converged_mean():
-    curves = torch.tensor(
-        [[3.0, 1.0, 0.5], [2.0, 1.0, 0.5], [4.0, 5e6, math.inf], [1.0, 1.0, 1.0]]
-    )
+    curves = torch.tensor([[3.0, 1.0, 0.5], [2.0, 1.0, 0.5], [4.0, 5e6, math.inf], [1.0, 1.0, 1.0]])
     s = summarize_curves(curves)
     assert s["diverged"] == [0, 1, 1]
     assert s["mse"][2] == math.inf
