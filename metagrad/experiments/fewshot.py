@@ -157,10 +157,24 @@ class FewShotExperiment(Experiment):
     def _accuracy_curve(self, maml: MAML, batch: Batch, steps: int) -> torch.Tensor:
         return maml.adaptation_curve(*batch, steps, {"accuracy": accuracy})["accuracy"].cpu()
 
+    def _test_curves(
+        self, maml: MAML, split: str, tasks: int, queries: int, seed: int
+    ) -> torch.Tensor:
+        """Accuracy curves ``[tasks, steps+1]`` on seeded tasks, sampled in chunks of 50."""
+        g = torch.Generator().manual_seed(seed)
+        curves = []
+        for start in range(0, tasks, 50):  # chunks bound the memory
+            batch = self._batch(split, min(50, tasks - start), queries, g)
+            curves.append(self._accuracy_curve(maml, batch, self.cfg["eval_steps"]))
+        return torch.cat(curves)
+
     def validate(self, maml: MAML) -> dict[str, float]:
-        g = torch.Generator().manual_seed(self.cfg["eval_seed"] + 1)
-        batch = self._batch("val", self.cfg["val_tasks"], self.cfg["shots"], g)
-        curve = self._accuracy_curve(maml, batch, self.cfg["eval_steps"])
+        # the 15-query protocol: with 1 query per class, 200 tasks are 1,000 predictions,
+        # too few to rank checkpoints that differ by a few tenths of a percent
+        cfg = self.cfg
+        curve = self._test_curves(
+            maml, "val", cfg["val_tasks"], cfg["eval_queries"], cfg["eval_seed"] + 1
+        )
         return {"val_accuracy": curve[:, -1].mean().item()}
 
     # -------------------------------------------------------------- evaluation
@@ -169,13 +183,8 @@ class FewShotExperiment(Experiment):
         results = {}
         protocols = {"paper": cfg["shots"], "15-query": cfg["eval_queries"]}
         for name, queries in protocols.items():
-            g = torch.Generator().manual_seed(cfg["eval_seed"])
-            curves = []
-            for start in range(0, cfg["eval_tasks"], 50):  # chunks bound the memory
-                n = min(50, cfg["eval_tasks"] - start)
-                batch = self._batch("test", n, queries, g)
-                curves.append(self._accuracy_curve(maml, batch, cfg["eval_steps"]))
-            mean, ci = mean_ci95(torch.cat(curves))
+            curves = self._test_curves(maml, "test", cfg["eval_tasks"], queries, cfg["eval_seed"])
+            mean, ci = mean_ci95(curves)
             results[f"{name} ({queries} query/class)"] = {"accuracy": mean, "ci95": ci}
         return {
             "experiment": cfg["experiment"],
