@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate run directories; several print a comparison")
     e.add_argument("runs", nargs="+", help="run directories")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument(
+        "--checkpoint", choices=["best", "last"], default="best",
+        help="best: the best validated parameters when the run has them (eval.json); "
+        "last: the parameters training ended with (eval-last.json)",
+    )  # fmt: skip
     _common(e)
     pl = sub.add_parser("plot", help="write the figures of a run into DIR/plots")
     pl.add_argument("run", help="run directory")
@@ -224,7 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .experiments.runs import Run
 
     device = _device(args.device)
-    results = [evaluate_run(Run(r), device) for r in args.runs]
+    results = [evaluate_run(Run(r), device, checkpoint=args.checkpoint) for r in args.runs]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
     else:

@@ -57,6 +57,12 @@ def test_short_seeded_omniglot_run_learns(tmp_path):
     rows = Run(tmp_path).metrics()
     assert [r["iteration"] for r in rows if "val_accuracy" in r] == [40, 80]
     assert (tmp_path / "best.pt").is_file()
+    best_it = Run(tmp_path).load("best.pt")["iteration"]
+    best_val = max(r["val_accuracy"] for r in rows if "val_accuracy" in r)
+    assert {r["iteration"]: r for r in rows}[best_it]["val_accuracy"] == best_val
+    last = exp.load_trained(Run(tmp_path), torch.device("cpu"), "last")
+    for (name, p), q in zip(maml.named_parameters(), last.parameters(), strict=True):
+        assert torch.equal(p, q), name  # "last": the parameters training ended with
 
 
 @needs_omniglot

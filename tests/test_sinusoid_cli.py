@@ -81,6 +81,13 @@ def test_cli_train_eval_plot(tmp_path):
     assert {"figure2_sinusoid_fits.png", "figure3_mse_vs_steps.png"} <= plots
     result = json.loads(cli("eval", str(out), "--json").stdout)
     assert result["method"] == "maml" and len(result["results"]["K=5"]["mse"]) == 4
+    # no validation in sinusoid runs: "best" falls back to the last parameters
+    assert result["checkpoint"] == {"file": "checkpoint.pt", "iteration": 200}
+    last = json.loads(cli("eval", str(out), "--json", "--checkpoint", "last").stdout)
+    assert last["checkpoint"] == {"file": "checkpoint.pt", "iteration": 200}
+    assert last["results"] == result["results"]
+    assert json.loads((out / "eval-last.json").read_text())["results"] == result["results"]
+    assert json.loads((out / "eval.json").read_text())["checkpoint"]["file"] == "checkpoint.pt"
     model = mg.load_run(out)
     assert isinstance(model, mg.MAML)
     x = torch.linspace(-5, 5, 10).view(-1, 1)

@@ -79,10 +79,16 @@ class Experiment:
         if "inner_lr" in extra:
             maml.inner_lr = float(extra["inner_lr"])
 
-    def load_trained(self, run: Run, device: torch.device) -> MAML:
+    def load_trained(self, run: Run, device: torch.device, checkpoint: str = "best") -> MAML:
+        """The trained ``MAML``: ``checkpoint="best"`` the best validated parameters when
+        the run has them (else the last), ``"last"`` the parameters training ended with."""
+        if checkpoint not in ("best", "last"):
+            raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         maml = self.build().to(device)
         ckpt = run.load(CHECKPOINT, map_location=device)
-        state = run.load(BEST, map_location=device)["model"] if run.has_checkpoint(BEST) else None
-        maml.load_state_dict(state if state is not None else ckpt["model"])
+        chosen = ckpt
+        if checkpoint == "best" and run.has_checkpoint(BEST):
+            chosen = run.load(BEST, map_location=device)
+        maml.load_state_dict(chosen["model"])
         self.apply_extra(maml, ckpt.get("extra", {}))
         return maml

@@ -6,23 +6,32 @@ from typing import Any
 
 import torch
 
-from .runs import EVAL, Run
+from .runs import BEST, CHECKPOINT, EVAL, Run
 
 
-def evaluate_run(run: Run, device: torch.device, *, reuse: bool = False) -> dict[str, Any]:
-    """Evaluate a trained run and write ``eval.json`` (or read it back when ``reuse``)."""
+def evaluate_run(
+    run: Run, device: torch.device, *, reuse: bool = False, checkpoint: str = "best"
+) -> dict[str, Any]:
+    """Evaluate a trained run and write ``eval.json`` (or read it back when ``reuse``).
+
+    ``checkpoint="last"`` evaluates the parameters training ended with instead of the best
+    validated ones, and writes ``eval-last.json`` (``eval.json`` stays as it is).
+    """
     from .registry import experiment_for
 
-    if reuse and (run.path / EVAL).is_file():
-        return run.read_json(EVAL)
+    name = EVAL if checkpoint == "best" else EVAL.replace(".json", f"-{checkpoint}.json")
+    if reuse and (run.path / name).is_file():
+        return run.read_json(name)
     cfg = run.config()
     if cfg.get("threads", 0) > 0:  # the run's setting (0: torch's default)
         torch.set_num_threads(cfg["threads"])
     exp = experiment_for(cfg, device)
-    maml = exp.load_trained(run, device)
+    maml = exp.load_trained(run, device, checkpoint)
     result = exp.evaluate(maml)
     result["run"] = str(run.path)
-    run.write_json(EVAL, result)
+    file = BEST if checkpoint == "best" and run.has_checkpoint(BEST) else CHECKPOINT
+    result["checkpoint"] = {"file": file, "iteration": run.load(file).get("iteration")}
+    run.write_json(name, result)
     return result
 
 
@@ -61,4 +70,10 @@ def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) 
     lines = [f"{metric}{unit}, mean ± 95% CI", fmt.format(*head)]
     lines += [fmt.format(*r) for r in rows]
     lines += sorted(notes)
+    for res in results:
+        if res.get("checkpoint"):
+            ck = res["checkpoint"]
+            lines.append(
+                f"{res.get('run', res['method'])}: {ck['file']} (iteration {ck['iteration']})"
+            )
     return "\n".join(lines)

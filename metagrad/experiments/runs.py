@@ -143,11 +143,12 @@ class Run:
         return p
 
 
-def load_run(path: str | Path, device: str = "cpu"):
-    """The trained ``MAML`` of a run directory (best validated parameters when present)."""
+def load_run(path: str | Path, device: str = "cpu", checkpoint: str = "best"):
+    """The trained ``MAML`` of a run directory: the best validated parameters when present
+    (``checkpoint="best"``), or those training ended with (``"last"``)."""
     from .registry import experiment_for
 
     run = Run(path)
     cfg = run.config()
     exp = experiment_for(cfg)
-    return exp.load_trained(run, torch.device(device))
+    return exp.load_trained(run, torch.device(device), checkpoint)
