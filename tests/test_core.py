@@ -361,3 +361,18 @@ def test_wrong_compiled_gradient_is_caught(monkeypatch):
     with pytest.raises(RuntimeError, match="compile=True is not exact for this model"):
         maml.meta_backward(*data)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_keep_freed_memory_is_applied_once_and_can_be_turned_off(monkeypatch):
+    import sys
+
+    from metagrad.core import malloc
+
+    monkeypatch.setattr(malloc, "_applied", None)
+    monkeypatch.setenv("METAGRAD_KEEP_FREED_MEMORY", "0")
+    assert malloc.keep_freed_memory() is False
+    monkeypatch.setattr(malloc, "_applied", None)
+    monkeypatch.delenv("METAGRAD_KEEP_FREED_MEMORY")
+    expected = sys.platform.startswith("linux")  # glibc here; elsewhere left alone
+    assert malloc.keep_freed_memory() is expected
+    assert malloc.keep_freed_memory() is expected  # idempotent

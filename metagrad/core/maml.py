@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .functional import LossFn, Params
+from .malloc import keep_freed_memory
 from .strategy import Verdict, cheap_under_vmap, static_blocker, vmap_matches_loop
 
 
@@ -236,6 +237,8 @@ class MAML(nn.Module):
             loss, outputs = self.meta_loss(*data, return_outputs=True)
             loss.backward()
         else:
+            if support_x.device.type == "cpu":
+                keep_freed_memory()  # each task frees its graph: keep that memory for the next
             losses, outs = [], []
             for sx, sy, qx, qy in zip(*data, strict=True):
                 loss_t, out_t = F.query_loss(
