@@ -82,13 +82,19 @@ class Experiment:
     def load_trained(self, run: Run, device: torch.device, checkpoint: str = "best") -> MAML:
         """The trained ``MAML``: ``checkpoint="best"`` the best validated parameters when
         the run has them (else the last), ``"last"`` the parameters training ended with."""
+        return self.load_trained_with_source(run, device, checkpoint)[0]
+
+    def load_trained_with_source(
+        self, run: Run, device: torch.device, checkpoint: str = "best"
+    ) -> tuple[MAML, dict[str, Any]]:
+        """:meth:`load_trained`, and which file and iteration the parameters came from."""
         if checkpoint not in ("best", "last"):
             raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         maml = self.build().to(device)
         ckpt = run.load(CHECKPOINT, map_location=device)
-        chosen = ckpt
+        file, chosen = CHECKPOINT, ckpt
         if checkpoint == "best" and run.has_checkpoint(BEST):
-            chosen = run.load(BEST, map_location=device)
+            file, chosen = BEST, run.load(BEST, map_location=device)
         maml.load_state_dict(chosen["model"])
         self.apply_extra(maml, ckpt.get("extra", {}))
-        return maml
+        return maml, {"file": file, "iteration": chosen.get("iteration")}

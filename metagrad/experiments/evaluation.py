@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .runs import BEST, CHECKPOINT, EVAL, Run
+from .runs import EVAL, Run
 
 
 def evaluate_run(
@@ -26,11 +26,10 @@ def evaluate_run(
     if cfg.get("threads", 0) > 0:  # the run's setting (0: torch's default)
         torch.set_num_threads(cfg["threads"])
     exp = experiment_for(cfg, device)
-    maml = exp.load_trained(run, device, checkpoint)
+    maml, source = exp.load_trained_with_source(run, device, checkpoint)
     result = exp.evaluate(maml)
     result["run"] = str(run.path)
-    file = BEST if checkpoint == "best" and run.has_checkpoint(BEST) else CHECKPOINT
-    result["checkpoint"] = {"file": file, "iteration": run.load(file).get("iteration")}
+    result["checkpoint"] = source
     run.write_json(name, result)
     return result
 
