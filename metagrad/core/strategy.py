@@ -1,10 +1,12 @@
 """Choosing how the tasks of a meta-batch are run: batched with ``vmap`` or in a loop.
 
 Both strategies compute the same function, but ``vmap`` is not exact for every layer
-(in torch 2.13 the second-order gradient through BatchNorm under ``vmap`` is wrong) and
-fails outright for others (recurrent layers, in-place buffer updates). So ``vmap`` is
-only used after a float64 check against the per-task loop on the model itself says the
-two agree; otherwise the loop runs.
+(in torch 2.13 the second-order gradient through the fused BatchNorm, LayerNorm and
+InstanceNorm kernels under ``vmap`` is wrong; metagrad runs the first two as plain tensor
+ops under ``vmap``, see ``functional.plain_norms``) and fails outright for others
+(recurrent layers, in-place buffer updates). So ``vmap`` is only used after a float64
+check against the per-task loop on the model itself says the two agree; otherwise the
+loop runs.
 """
 
 from __future__ import annotations
