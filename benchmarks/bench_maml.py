@@ -97,11 +97,11 @@ def build(
 
 # ---------------------------------------------------------------- gradient check
 def grad_check(
-    cfg: Config, libs: list[str], first_order: bool, seed: int, tasks: int
+    cfg: Config, libs: list[str], first_order: bool, seed: int, tasks: int, device: str = "cpu"
 ) -> tuple[dict[str, str], str]:
-    """``{lib: "PASS ..." | "FAIL ..." | "n/a ..."}`` (float64 meta-gradients against
-    metagrad's) and metagrad's strategy for this config."""
-    base, loss_fn, (batch,) = build(cfg, seed, torch.float64, "cpu", 1, tasks)
+    """``{lib: "PASS ..." | "FAIL ..." | "n/a ..."}`` (float64 meta-gradients on ``device``
+    against metagrad's) and metagrad's strategy for this config on ``device``."""
+    base, loss_fn, (batch,) = build(cfg, seed, torch.float64, device, 1, tasks)
     ref: list[Tensor] = []
     out: dict[str, str] = {}
     strategy = "?"
@@ -282,7 +282,7 @@ def bench(name: str, args: argparse.Namespace) -> str:
     if not _installed("learn2learn"):
         notes.append("learn2learn: not benchmarked (not installed: its 0.2.0 sdist does not build)")
     n_check = min(args.check_tasks or cfg.tasks, cfg.tasks)
-    check, strategy = grad_check(cfg, libs, args.first_order, args.seed, n_check)
+    check, strategy = grad_check(cfg, libs, args.first_order, args.seed, n_check, args.device)
     notes.append(f"grad check: the first {n_check} task(s) of the first batch, float64")
     notes.append(f"metagrad's default strategy here: {strategy}")
     notes.append(

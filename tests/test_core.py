@@ -373,8 +373,10 @@ def test_compile_refused_for_in_place_buffer_updates():
         mg.MAML(model, mse, compile=True)
 
 
-def test_wrong_compiled_gradient_is_caught(monkeypatch):
-    # a compiler that returned a wrong gradient must not reach the optimizer
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wrong_compiled_gradient_is_caught(monkeypatch, dtype):
+    # a compiler that returned a wrong gradient must not reach the optimizer (in float32
+    # after the second test, against the float64 gradient)
     def bad_compile(fn, **_):
         def wrapped(*args):
             grads, aux = fn(*args)
@@ -384,6 +386,8 @@ def test_wrong_compiled_gradient_is_caught(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", bad_compile)
     model, loss_fn, data = make_case("mlp")
+    model = model.to(dtype)
+    data = [t.to(dtype) if t.is_floating_point() else t for t in data]
     maml = mg.MAML(model, loss_fn, inner_lr=0.1, compile=True)
     model.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match="compile=True is not exact for this model"):

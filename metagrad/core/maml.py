@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 
 import torch
@@ -253,26 +254,53 @@ class MAML(nn.Module):
         return (loss, outputs) if return_outputs else loss
 
     def _check_compiled(self, key: tuple, grads: Params, data: tuple[Tensor, ...]) -> None:
-        """Compare a new compiled meta-gradient with the eager one on its first batch.
+        """Compare a new compiled meta-gradient with eager autograd on its first batch.
 
-        torch.compile is not exact for every model (in torch 2.13 on CPU it returns a
-        wrong second-order gradient for conv + BatchNorm nets), so each compiled graph
-        must match eager autograd once before it is trusted.
+        torch.compile is not exact for every model, so each compiled graph must match
+        eager autograd once before it is trusted. The first test is closeness to the eager
+        gradient at ``sqrt(eps)`` of the largest gradient. In float32 that is too tight for
+        ill-conditioned models (BatchNorm over 5 support images amplifies rounding: on
+        Omniglot both eager and compiled are ~1e-3 of the largest gradient off the float64
+        gradient), so a gradient that fails it is held against the float64 eager gradient:
+        its largest error over all parameters must be at most 4x eager float32's own
+        (plus ``eps`` of the largest gradient).
         """
         trainable = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
-        loss = self.meta_loss(*data)
-        ref = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-        scale = max([r.abs().max().item() for r in ref if r is not None] + [1e-30])
-        tol = torch.finfo(data[0].dtype).eps ** 0.5 * scale
-        for (name, _), r in zip(trainable, ref, strict=True):
-            err = (grads[name] - (0 if r is None else r)).abs().max().item()
-            if err > tol:
-                del self._grad_fns[key]
-                raise RuntimeError(
-                    f"compile=True is not exact for this model: the compiled meta-gradient "
-                    f"of {name!r} is off by {err:.3g} (largest gradient {scale:.3g}); "
-                    "construct MAML with compile=False"
-                )
+        ref = self._eager_meta_grad(self, trainable, data)
+        scale = max([r.abs().max().item() for r in ref.values()] + [1e-30])
+        eps = torch.finfo(data[0].dtype).eps
+        if all((grads[k] - r).abs().max().item() <= eps**0.5 * scale for k, r in ref.items()):
+            return
+        if data[0].dtype != torch.float64:
+            model64 = MAML(
+                copy.deepcopy(self.model).double(), self.loss_fn, self.inner_lr,
+                self.inner_steps, self.first_order, vectorize=self.vectorize,
+            )  # fmt: skip
+            data64 = tuple(t.double() if t.is_floating_point() else t for t in data)
+            exact = self._eager_meta_grad(model64, list(model64.model.named_parameters()), data64)
+            eager_err = max((r.double() - exact[k]).abs().max().item() for k, r in ref.items())
+            err = max((grads[k].double() - exact[k]).abs().max().item() for k in ref)
+            if err <= 4 * eager_err + eps * scale:
+                return
+        name, err = max(((k, (grads[k] - r).abs().max().item()) for k, r in ref.items()),
+                        key=lambda t: t[1])  # fmt: skip
+        del self._grad_fns[key]
+        raise RuntimeError(
+            f"compile=True is not exact for this model: the compiled meta-gradient "
+            f"of {name!r} is off by {err:.3g} (largest gradient {scale:.3g}); "
+            "construct MAML with compile=False"
+        )
+
+    @staticmethod
+    def _eager_meta_grad(
+        maml: MAML, trainable: list[tuple[str, Tensor]], data: tuple[Tensor, ...]
+    ) -> Params:
+        loss = maml.meta_loss(*data)
+        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+        return {
+            k: torch.zeros_like(p) if g is None else g
+            for (k, p), g in zip(trainable, grads, strict=True)
+        }
 
     def _compiled_grad(self, key: tuple) -> Callable[..., tuple[Params, tuple[Tensor, Tensor]]]:
         vectorize, steps, first_order = key[:3]
