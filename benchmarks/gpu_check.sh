@@ -13,13 +13,15 @@
 set -u
 DATA=${1:-data/omniglot}
 SECONDS_TRAIN=${2:-60}
+TRAIN_SET=${TRAIN_SET:-}  # extra --set for the training run, e.g. compile=true
 OUT=${OUT:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/metagrad-site
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/metagrad-site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi -L || true
-if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/metagrad-site .whl/*.whl || exit 1
+WHEELS=${WHEELS:-.whl}
+if [ -d "$WHEELS" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/metagrad-site "$WHEELS"/*.whl || exit 1
 fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/metagrad-site . || exit 1
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
@@ -34,7 +36,7 @@ timeout 300 $PY benchmarks/bench_maml.py --config omniglot-5w1s --device "$DEV" 
 RUN=/tmp/gpu-check-run
 rm -rf "$RUN"
 timeout $((SECONDS_TRAIN + 240)) $PY -m metagrad train omniglot-5w1s --device "$DEV" --data-dir "$DATA" \
-    --out "$RUN" --set "time_limit_min=$($PY -c "print($SECONDS_TRAIN / 60)")" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 40 | tee "$OUT/train.log"
+    --out "$RUN" ${TRAIN_SET:+--set $TRAIN_SET} --set "time_limit_min=$($PY -c "print($SECONDS_TRAIN / 60)")" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 40 | tee "$OUT/train.log"
 cp "$RUN/metrics.csv" "$OUT/metrics.csv" 2>/dev/null
 $PY - "$RUN/metrics.csv" <<'EOF' | tee -a "$OUT/train.log"
 import csv, sys

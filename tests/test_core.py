@@ -395,6 +395,42 @@ def test_wrong_compiled_gradient_is_caught(monkeypatch, dtype):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_auto_compile_is_eager_on_cpu():
+    model, loss_fn, data = make_case("mlp")
+    maml = mg.MAML(model, loss_fn, inner_lr=0.1, compile=None)
+    maml.meta_backward(*data)
+    assert not maml._grad_fns  # nothing compiled on a CPU
+
+
+def test_auto_compile_falls_back_to_eager_when_not_exact(monkeypatch):
+    """compile=None (what the few-shot presets use on CUDA) warns and runs eagerly where a
+    compiled gradient fails its check, and does not try that graph again."""
+
+    def bad_compile(fn, **_):
+        def wrapped(*args):
+            grads, aux = fn(*args)
+            return {k: g * 1.01 for k, g in grads.items()}, aux
+
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", bad_compile)
+    monkeypatch.setattr(mg.MAML, "_compiles", lambda self, key: key not in self._not_compiled)
+    model, loss_fn, data = make_case("mlp")
+    ref_loss, ref_grads = reference_meta_grad(model, loss_fn, data, 0.1, 1, False)
+    maml = mg.MAML(model, loss_fn, inner_lr=0.1, compile=None)
+    for call in range(2):
+        model.zero_grad(set_to_none=True)
+        if call == 0:
+            with pytest.warns(RuntimeWarning, match="not exact.*running eagerly"):
+                loss = maml.meta_backward(*data)
+        else:
+            loss = maml.meta_backward(*data)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-8, atol=1e-10, msg=n)
+    assert len(maml._not_compiled) == 1
+
+
 def test_keep_freed_memory_is_applied_once_and_can_be_turned_off(monkeypatch):
     import sys
 

@@ -117,3 +117,19 @@ def test_missing_dataset_is_a_one_line_error(tmp_path, capsys):
 def test_bad_model_value():
     with pytest.raises(ValueError, match="model"):
         experiment_for(preset("omniglot-5w1s") | {"model": "resnet"})
+
+
+def test_compile_setting_auto_true_false_and_old_runs():
+    from metagrad.errors import ConfigError
+    from metagrad.experiments.config import apply_mapping, apply_overrides
+
+    cfg = preset("omniglot-5w1s")
+    assert cfg["compile"] == "auto" and experiment_for(cfg).build().compile is None
+    for text, expect in [("true", True), ("false", False), ("AUTO", None)]:
+        built = experiment_for(apply_overrides(cfg, [f"compile={text}"])).build()
+        assert built.compile is expect
+    # runs made when compile was a flag saved compile = false / true
+    assert apply_mapping(cfg, {"compile": False}, "config.toml")["compile"] == "false"
+    assert experiment_for(cfg | {"compile": True}).build().compile is True
+    with pytest.raises(ConfigError, match="compile"):
+        experiment_for(apply_overrides(cfg, ["compile=sometimes"])).build()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -70,7 +71,10 @@ class MAML(nn.Module):
             ``torch.func.grad`` of the meta-loss (with the loss as aux) (one graph for a vmapped batch,
             one per-task graph reused across a loop). The first call per input shape pays
             the compile time (tens of seconds on a CPU); worth it for small models trained
-            for many iterations. :meth:`meta_loss` itself always runs eagerly.
+            for many iterations. :meth:`meta_loss` itself always runs eagerly. ``None``:
+            compile on CUDA devices (where eager execution is bound by kernel launches),
+            and where a compiled gradient fails its exactness check, warn and run eagerly
+            instead of raising.
     """
 
     def __init__(
@@ -81,7 +85,7 @@ class MAML(nn.Module):
         inner_steps: int = 1,
         first_order: bool = False,
         vectorize: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = False,
     ) -> None:
         super().__init__()
         if inner_steps < 0:
@@ -94,7 +98,7 @@ class MAML(nn.Module):
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
         self.vectorize = vectorize
-        self.compile = bool(compile)
+        self.compile = compile if compile is None else bool(compile)
         blocker = static_blocker(model)
         if self.compile and blocker is not None:
             raise ValueError(
@@ -103,6 +107,7 @@ class MAML(nn.Module):
             )
         self._verdicts: dict[tuple, Verdict] = {}
         self._grad_fns: dict[tuple, Callable[..., tuple[Params, tuple[Tensor, Tensor]]]] = {}
+        self._not_compiled: set[tuple] = set()  # refused under compile=None: run eagerly
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -213,27 +218,12 @@ class MAML(nn.Module):
         if not trainable:
             raise RuntimeError("meta_backward: no parameter of the model requires grad")
         tasks = support_x.shape[0]
-        if self.compile:
-            key = (vectorize, steps, first_order, support_x.device.type, support_x.dtype)
-            fresh = key not in self._grad_fns
-            fn = self._compiled_grad(key)
-            frozen = {k: p.detach() for k, p in params.items() if not p.requires_grad}
-            detached = {k: p.detach() for k, p in trainable.items()}
-            if vectorize:
-                grads, (loss, outputs) = fn(detached, frozen, buffers, *data)
-            else:
-                grads, losses, outs = {}, [], []
-                for task in zip(*(t.unsqueeze(1) for t in data), strict=True):
-                    g, (loss_t, out_t) = fn(detached, frozen, buffers, *task)
-                    grads = g if not grads else {k: grads[k] + g[k] for k in grads}
-                    losses.append(loss_t)
-                    outs.append(out_t[0])
-                grads = {k: g / tasks for k, g in grads.items()}
-                loss, outputs = torch.stack(losses).mean(), torch.stack(outs)
-            if fresh:
-                self._check_compiled(key, grads, data)
-            for k, p in trainable.items():
-                p.grad = grads[k] if p.grad is None else p.grad + grads[k]
+        key = (vectorize, steps, first_order, support_x.device.type, support_x.dtype)
+        compiled = None
+        if self._compiles(key):
+            compiled = self._compiled_backward(key, params, trainable, buffers, data)
+        if compiled is not None:
+            loss, outputs = compiled
         elif vectorize:
             loss, outputs = self.meta_loss(*data, return_outputs=True)
             loss.backward()
@@ -252,6 +242,51 @@ class MAML(nn.Module):
             loss, outputs = torch.stack(losses).mean(), torch.stack(outs)
         loss, outputs = loss.detach(), outputs.detach()
         return (loss, outputs) if return_outputs else loss
+
+    def _compiles(self, key: tuple) -> bool:
+        if self.compile is None:  # auto: on CUDA, unless refused there
+            return key[3] == "cuda" and key not in self._not_compiled
+        return self.compile
+
+    def _compiled_backward(
+        self,
+        key: tuple,
+        params: Params,
+        trainable: Params,
+        buffers: Params,
+        data: tuple[Tensor, Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor] | None:
+        """The compiled meta-gradient into ``.grad``; the loss and outputs, or None where
+        ``compile=None`` and this graph failed its exactness check (then nothing is
+        accumulated and the caller runs eagerly)."""
+        vectorize, tasks = key[0], data[0].shape[0]
+        fresh = key not in self._grad_fns
+        fn = self._compiled_grad(key)
+        frozen = {k: p.detach() for k, p in params.items() if not p.requires_grad}
+        detached = {k: p.detach() for k, p in trainable.items()}
+        if vectorize:
+            grads, (loss, outputs) = fn(detached, frozen, buffers, *data)
+        else:
+            grads, losses, outs = {}, [], []
+            for task in zip(*(t.unsqueeze(1) for t in data), strict=True):
+                g, (loss_t, out_t) = fn(detached, frozen, buffers, *task)
+                grads = g if not grads else {k: grads[k] + g[k] for k in grads}
+                losses.append(loss_t)
+                outs.append(out_t[0])
+            grads = {k: g / tasks for k, g in grads.items()}
+            loss, outputs = torch.stack(losses).mean(), torch.stack(outs)
+        if fresh:
+            try:
+                self._check_compiled(key, grads, data)
+            except RuntimeError as e:
+                if self.compile is not None:
+                    raise
+                self._not_compiled.add(key)
+                warnings.warn(f"{e}; running eagerly instead", RuntimeWarning, stacklevel=3)
+                return None
+        for k, p in trainable.items():
+            p.grad = grads[k] if p.grad is None else p.grad + grads[k]
+        return loss, outputs
 
     def _check_compiled(self, key: tuple, grads: Params, data: tuple[Tensor, ...]) -> None:
         """Compare a new compiled meta-gradient with eager autograd on its first batch.

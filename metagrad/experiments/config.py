@@ -88,6 +88,8 @@ def check_value(cfg: Mapping[str, Any], key: str, value: Any) -> Any:
         known = ", ".join(sorted(cfg))
         raise ConfigError(f"unknown config key {key!r}; valid keys: {known}")
     default = cfg[key]
+    if isinstance(value, bool) and isinstance(default, str):
+        value = str(value).lower()  # a setting that was a flag, now auto / true / false
     if isinstance(value, str) and not isinstance(default, str):
         return _parse(key, value, default)
     ok = (

@@ -32,7 +32,7 @@ from ..models import FCNet, miniimagenet_conv4, omniglot_conv4
 from .base import Batch, Experiment
 from .config import register_preset
 from .runs import Run
-from .sinusoid import _vectorize
+from .sinusoid import _compile, _vectorize
 from .stats import mean_ci95
 
 COMMON: dict[str, Any] = {
@@ -42,7 +42,8 @@ COMMON: dict[str, Any] = {
     "meta_lr": 1e-3,
     "first_order": False,
     "vectorize": "auto",
-    "compile": False,  # torch.compile the per-task meta-gradient (MAML(compile=True))
+    # torch.compile the meta-gradient: auto = on CUDA (where it is ~3x faster), eager on CPU
+    "compile": "auto",
     "threads": 0,  # torch threads; 0: torch's default (all cores; cores / processes with --nproc)
     "model": "conv4",
     "data_dir": "",
@@ -147,7 +148,7 @@ class FewShotExperiment(Experiment):
         return MAML(
             self.network(), F.cross_entropy, inner_lr=cfg["inner_lr"],
             inner_steps=cfg["inner_steps"], first_order=cfg["first_order"],
-            vectorize=self.vectorize, compile=cfg["compile"],
+            vectorize=self.vectorize, compile=_compile(cfg["compile"]),
         )  # fmt: skip
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float]:

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "first_order": False,
     "meta_lr": 1e-3,
     "vectorize": "auto",
-    "compile": False,  # torch.compile the meta-gradient (MAML(compile=True))
+    "compile": "false",  # torch.compile the meta-gradient: true, false or auto (on CUDA)
     "threads": 1,  # torch threads; a tiny MLP runs fastest on one (0: torch's default)
     "log_every": 100,
     "checkpoint_every": 2000,
@@ -71,6 +71,17 @@ def _vectorize(value: str) -> bool | None:
     return options[value.lower()]
 
 
+def _compile(value: str | bool) -> bool | None:
+    """The ``compile`` config value as ``MAML(compile=...)``: auto (None), true, false."""
+    from ..errors import ConfigError
+
+    options = {"auto": None, "true": True, "false": False}
+    key = str(value).lower()
+    if key not in options:
+        raise ConfigError(f"bad value {value!r} for compile: choose auto, true or false")
+    return options[key]
+
+
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred, target)
 
@@ -89,7 +100,7 @@ class SinusoidExperiment(Experiment):
         return MAML(
             model, _mse, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
             first_order=cfg["first_order"], vectorize=self.vectorize,
-            compile=cfg["compile"],
+            compile=_compile(cfg["compile"]),
         )  # fmt: skip
 
     def sample(self, generator: torch.Generator) -> Batch:
