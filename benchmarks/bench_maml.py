@@ -336,6 +336,7 @@ def bench(name: str, args: argparse.Namespace) -> str:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{res['date'][:10]}-{name}{'-fo' if args.first_order else ''}"
+    stem += "" if args.device == "cpu" else f"-{args.device}"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     return text

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh [DATA_DIR] [TRAIN_SECONDS]
 #
 # 1. the meta-gradient check and timing of metagrad against the peers on the Omniglot
-#    5-way 1-shot config (benchmarks/bench_maml.py --device cuda), and
+#    5-way 1-shot config (benchmarks/bench_maml.py --device cuda; results as <date>-omniglot-5w1s-cuda.md/.json), and
 # 2. the omniglot-5w1s preset trained for TRAIN_SECONDS (default 60) on the GPU, then
 #    evaluated: meta-iterations per second from the run's metrics.csv.
 # Needs python3 with a CUDA torch. Peers (higher, torchopt + optree) and tomli_w are
