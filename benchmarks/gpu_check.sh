@@ -27,8 +27,8 @@ $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir -
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
-# 1. benchmark (interleaved rounds, fresh process per library and round)
-timeout 300 $PY benchmarks/bench_maml.py --config omniglot-5w1s --device "$DEV" \
+# 1. benchmark (interleaved rounds, fresh process per library and round); SKIP_BENCH=1 skips it
+[ -n "${SKIP_BENCH:-}" ] || timeout 300 $PY benchmarks/bench_maml.py --config omniglot-5w1s --device "$DEV" \
     --rounds 2 --iters 20 --warmup 3 --libs metagrad,metagrad-compile,torchopt-metasgd,torchopt,higher \
     --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
 

@@ -63,10 +63,13 @@ class Experiment:
         # model the per-tensor Python loop of the default costs as much as the meta-gradient)
         return torch.optim.Adam(maml.parameters(), lr=self.cfg["meta_lr"], fused=True)
 
-    def train_step(self, maml: MAML, batch: Batch) -> dict[str, float]:
-        """Compute the loss of one batch and backpropagate it (the caller steps)."""
+    def train_step(self, maml: MAML, batch: Batch) -> dict[str, float | Tensor]:
+        """Compute the loss of one batch and backpropagate it (the caller steps).
+
+        Returns metrics as floats or detached 0-dim tensors; the training loop reads
+        tensors only when it logs, so a GPU is not synchronised every iteration."""
         loss = maml.meta_backward(*batch)
-        return {"loss": loss.item()}
+        return {"loss": loss}
 
     def validate(self, maml: MAML) -> dict[str, float]:
         return {}

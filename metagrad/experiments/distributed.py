@@ -168,7 +168,7 @@ class World:
     def reduce_step(
         self,
         module: nn.Module,
-        metrics: dict[str, float],
+        metrics: dict[str, float | Tensor],
         weight: float,
         flags: Sequence[bool],
         where: str = "",
@@ -270,7 +270,7 @@ class DistributedWorld(World):
     def reduce_step(
         self,
         module: nn.Module,
-        metrics: dict[str, float],
+        metrics: dict[str, float | Tensor],
         weight: float,
         flags: Sequence[bool],
         where: str = "",
@@ -287,7 +287,9 @@ class DistributedWorld(World):
             for p, g in zip(params, grads, strict=True)
         ]
         tail = torch.tensor(
-            [*metrics.values(), *(1.0 if f else 0.0 for f in flags)], dtype=dtype, device=dev
+            [*map(float, metrics.values()), *(1.0 if f else 0.0 for f in flags)],
+            dtype=dtype,
+            device=dev,
         )
         flat = torch.cat([*parts, tail])
         n_weighted = flat.numel() - len(flags)

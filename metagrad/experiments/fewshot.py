@@ -151,9 +151,11 @@ class FewShotExperiment(Experiment):
             vectorize=self.vectorize, compile=_compile(cfg["compile"]),
         )  # fmt: skip
 
-    def train_step(self, maml: MAML, batch: Batch) -> dict[str, float]:
+    def train_step(self, maml: MAML, batch: Batch) -> dict[str, float | torch.Tensor]:
         loss, logits = maml.meta_backward(*batch, return_outputs=True)
-        return {"loss": loss.item(), "accuracy": accuracy(logits.detach(), batch[3]).item()}
+        # 0-dim tensors: read (a GPU sync) only when logged, so sampling the next batch
+        # overlaps the GPU's work on this one
+        return {"loss": loss, "accuracy": accuracy(logits, batch[3])}
 
     def _accuracy_curve(self, maml: MAML, batch: Batch, steps: int) -> torch.Tensor:
         return maml.adaptation_curve(*batch, steps, {"accuracy": accuracy})["accuracy"].cpu()

@@ -141,7 +141,7 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 total = done  # the wall-time budget is spent: this is the last iteration
             row: dict[str, Any] = {}
             if done % log_every == 0 or done == total:
-                row = {k: sums[k] / count for k in sums}
+                row = {k: float(sums[k]) / count for k in sums}
                 sums, count = {}, 0
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()}, refresh=False)
             if main and val_every and (done % val_every == 0 or done == total):
