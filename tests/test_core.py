@@ -10,29 +10,20 @@ from torch.nn import functional as F
 import metagrad as mg
 
 
-class TinyConvBN(nn.Module):
-    def __init__(self) -> None:
+class TinyConvNorm(nn.Module):
+    """conv -> BatchNorm (default) or another normalisation -> ReLU -> max-pool -> linear.
+
+    InstanceNorm: its fused kernel's batching rule is wrong for second order under vmap."""
+
+    def __init__(self, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.bn = norm or nn.BatchNorm2d(4, track_running_stats=False)
         self.head = nn.Linear(4 * 4 * 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn(self.conv(x)))
         return self.head(F.max_pool2d(h, 2).flatten(1))
-
-
-class TinyConvIN(nn.Module):
-    """InstanceNorm: its fused kernel's batching rule is wrong for second order under vmap."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.norm = nn.InstanceNorm2d(4, affine=True)
-        self.head = nn.Linear(4 * 8 * 8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.norm(self.conv(x))).flatten(1))
 
 
 class TinyGRU(nn.Module):
@@ -74,7 +65,8 @@ def make_case(kind: str, tasks: int = 3):
         sy, qy = torch.sin(sx), torch.sin(qx)
         loss = mse
     elif kind in ("conv_bn", "conv_in"):
-        model = TinyConvBN() if kind == "conv_bn" else TinyConvIN()
+        norm = nn.InstanceNorm2d(4, affine=True) if kind == "conv_in" else None
+        model = TinyConvNorm(norm)
         sx, qx = (
             torch.randn(tasks, 6, 1, 8, 8, generator=g),
             torch.randn(tasks, 6, 1, 8, 8, generator=g),
