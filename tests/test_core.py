@@ -365,17 +365,20 @@ def test_compile_refused_for_in_place_buffer_updates():
         mg.MAML(model, mse, compile=True)
 
 
+def bad_compile(fn, **_):
+    """A stand-in for torch.compile whose gradients are 1% off."""
+
+    def wrapped(*args):
+        grads, aux = fn(*args)
+        return {k: g * 1.01 for k, g in grads.items()}, aux
+
+    return wrapped
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_wrong_compiled_gradient_is_caught(monkeypatch, dtype):
     # a compiler that returned a wrong gradient must not reach the optimizer (in float32
     # after the second test, against the float64 gradient)
-    def bad_compile(fn, **_):
-        def wrapped(*args):
-            grads, aux = fn(*args)
-            return {k: g * 1.01 for k, g in grads.items()}, aux
-
-        return wrapped
-
     monkeypatch.setattr(torch, "compile", bad_compile)
     model, loss_fn, data = make_case("mlp")
     model = model.to(dtype)
@@ -397,13 +400,6 @@ def test_auto_compile_is_eager_on_cpu():
 def test_auto_compile_falls_back_to_eager_when_not_exact(monkeypatch):
     """compile=None (what the few-shot presets use on CUDA) warns and runs eagerly where a
     compiled gradient fails its check, and does not try that graph again."""
-
-    def bad_compile(fn, **_):
-        def wrapped(*args):
-            grads, aux = fn(*args)
-            return {k: g * 1.01 for k, g in grads.items()}, aux
-
-        return wrapped
 
     monkeypatch.setattr(torch, "compile", bad_compile)
     monkeypatch.setattr(mg.MAML, "_compiles", lambda self, key: key not in self._not_compiled)
