@@ -432,3 +432,41 @@ def test_keep_freed_memory_is_applied_once_and_can_be_turned_off(monkeypatch):
     expected = sys.platform.startswith("linux")  # glibc here; elsewhere left alone
     assert malloc.keep_freed_memory() is expected
     assert malloc.keep_freed_memory() is expected  # idempotent
+
+
+class FrozenAndUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.frozen = nn.Linear(4, 4).requires_grad_(False)
+        self.unused = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.frozen(torch.tanh(self.body(x)))))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_autograd_inner_step_is_torch_func_grad(first_order):
+    """adapt(autograd=True), the per-task loop's faster inner step, gives the same adapted
+    parameters and meta-gradient as torch.func.grad, frozen and unused parameters included."""
+    torch.manual_seed(0)
+    model = FrozenAndUnused().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    qx = torch.randn(5, 3, dtype=torch.float64)
+    params, results = dict(model.named_parameters()), []
+    for autograd in (False, True):
+        fast = mg.core.functional.adapt(
+            model, mse, params, {}, x, y, lr=0.1, steps=2, first_order=first_order,
+            autograd=autograd,
+        )  # fmt: skip
+        out = mg.core.functional.forward(model, fast, {}, qx).square().sum()
+        trainable = [p for p in params.values() if p.requires_grad]
+        meta = torch.autograd.grad(out, trainable, allow_unused=True, materialize_grads=True)
+        results.append((fast, meta))
+    (f0, m0), (f1, m1) = results
+    for k in f0:
+        torch.testing.assert_close(f1[k], f0[k], rtol=1e-12, atol=1e-14, msg=k)
+    assert not torch.equal(f0["frozen.weight"], params["frozen.weight"])  # adapted too
+    for a, b in zip(m0, m1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

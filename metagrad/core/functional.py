@@ -52,13 +52,33 @@ def adapt(
     lr: float | Params,
     steps: int,
     first_order: bool = False,
+    autograd: bool = False,
 ) -> Params:
-    """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` SGD steps."""
+    """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` SGD steps.
+
+    Every parameter in ``params`` is adapted. The inner gradient comes from
+    :func:`torch.func.grad`; ``autograd=True`` takes it from ``torch.autograd.grad``
+    (``create_graph`` unless ``first_order``) instead: the same numbers, ~6% faster per
+    meta-iteration for the conv nets on CPU, but only valid with grad mode on and outside
+    ``torch.func`` transforms (the per-task loop, not ``vmap`` or the compiled gradient).
+    """
 
     def loss(p: Params, b: Params) -> Tensor:
         return task_loss(model, loss_fn, p, b, x, y)
 
     for _ in range(steps):
+        if autograd:
+            # parameters that do not require grad (frozen) are adapted too, as with
+            # torch.func.grad, without making them part of the meta-gradient
+            inputs = {
+                k: p if p.requires_grad else p.detach().requires_grad_() for k, p in params.items()
+            }
+            gs = torch.autograd.grad(
+                loss(inputs, buffers), list(inputs.values()), create_graph=not first_order,
+                allow_unused=True, materialize_grads=True,  # zeros for unused, as torch.func
+            )  # fmt: skip
+            params = sgd_step(inputs, dict(zip(inputs, gs, strict=True)), lr)
+            continue
         # buffers are an explicit input so that layers may update them in place
         grads = grad(loss)(params, buffers)
         if first_order:
@@ -80,11 +100,12 @@ def query_loss(
     lr: float | Params,
     steps: int,
     first_order: bool = False,
+    autograd: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Loss and predictions on one task's query set after adapting on its support set."""
     fast = adapt(
         model, loss_fn, params, buffers, support_x, support_y,
-        lr=lr, steps=steps, first_order=first_order,
+        lr=lr, steps=steps, first_order=first_order, autograd=autograd,
     )  # fmt: skip
     out = forward(model, fast, buffers, query_x)
     return loss_fn(out, query_y), out
@@ -172,17 +193,19 @@ def batched_query_loss(
     steps: int,
     first_order: bool = False,
     vectorize: bool,
+    autograd: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-task query losses ``[tasks]`` and predictions ``[tasks, query, ...]``.
 
     ``vectorize=True`` maps :func:`query_loss` over the task dimension with ``vmap``;
-    ``vectorize=False`` loops over tasks. Both compute the same function.
+    ``vectorize=False`` loops over tasks. Both compute the same function. ``autograd``:
+    see :func:`adapt` (ignored under ``vmap``).
     """
 
     def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         return query_loss(
             model, loss_fn, params, buffers, sx, sy, qx, qy,
-            lr=lr, steps=steps, first_order=first_order,
+            lr=lr, steps=steps, first_order=first_order, autograd=autograd and not vectorize,
         )  # fmt: skip
 
     if vectorize:

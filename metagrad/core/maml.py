@@ -168,7 +168,7 @@ class MAML(nn.Module):
         return F.batched_query_loss(
             self.model, self.loss_fn, params, buffers, *data,
             lr=self.inner_lr, steps=steps, first_order=first_order,
-            vectorize=verdict.vectorize,
+            vectorize=verdict.vectorize, autograd=torch.is_grad_enabled(),
         )  # fmt: skip
 
     def meta_loss(
@@ -235,6 +235,7 @@ class MAML(nn.Module):
                 loss_t, out_t = F.query_loss(
                     self.model, self.loss_fn, params, buffers, sx, sy, qx, qy,
                     lr=self.inner_lr, steps=steps, first_order=first_order,
+                    autograd=torch.is_grad_enabled(),
                 )  # fmt: skip
                 (loss_t / tasks).backward()
                 losses.append(loss_t.detach())
