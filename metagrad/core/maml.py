@@ -301,8 +301,7 @@ class MAML(nn.Module):
         its largest error over all parameters must be at most 4x eager float32's own
         (plus ``eps`` of the largest gradient).
         """
-        trainable = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
-        ref = self._eager_meta_grad(self, trainable, data)
+        ref = self._eager_meta_grad(self, data)
         scale = max([r.abs().max().item() for r in ref.values()] + [1e-30])
         eps = torch.finfo(data[0].dtype).eps
         if all((grads[k] - r).abs().max().item() <= eps**0.5 * scale for k, r in ref.items()):
@@ -313,7 +312,7 @@ class MAML(nn.Module):
                 self.inner_steps, self.first_order, vectorize=self.vectorize,
             )  # fmt: skip
             data64 = tuple(t.double() if t.is_floating_point() else t for t in data)
-            exact = self._eager_meta_grad(model64, list(model64.model.named_parameters()), data64)
+            exact = self._eager_meta_grad(model64, data64)
             eager_err = max((r.double() - exact[k]).abs().max().item() for k, r in ref.items())
             err = max((grads[k].double() - exact[k]).abs().max().item() for k in ref)
             if err <= 4 * eager_err + eps * scale:
@@ -328,9 +327,9 @@ class MAML(nn.Module):
         )
 
     @staticmethod
-    def _eager_meta_grad(
-        maml: MAML, trainable: list[tuple[str, Tensor]], data: tuple[Tensor, ...]
-    ) -> Params:
+    def _eager_meta_grad(maml: MAML, data: tuple[Tensor, ...]) -> Params:
+        """Eager autograd's meta-gradient of ``maml``'s trainable parameters."""
+        trainable = [(k, p) for k, p in maml.model.named_parameters() if p.requires_grad]
         loss = maml.meta_loss(*data)
         grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
         return {
