@@ -148,14 +148,15 @@ def test_meta_gradient_matches_reference(kind, steps, first_order):
 
 @pytest.mark.parametrize("kind", ["mlp", "buffer", "conv_bn", "layernorm"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_vmap_and_loop_agree(kind, first_order):
+@pytest.mark.parametrize("batched", [True, "support"])
+def test_vmap_and_loop_agree(kind, first_order, batched):
     """Including BatchNorm and LayerNorm, whose fused kernels are wrong for second order
     under vmap in torch 2.13: metagrad runs them as plain tensor ops there."""
     model, loss_fn, data = make_case(kind)
     l0, g0, m0 = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, False)
-    l1, g1, m1 = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, True)
-    assert not m0.strategy(data, steps=2, first_order=first_order).vectorize
-    assert m1.strategy(data, steps=2, first_order=first_order).vectorize
+    l1, g1, m1 = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, batched)
+    assert m0.strategy(data, steps=2, first_order=first_order).vectorize is False
+    assert m1.strategy(data, steps=2, first_order=first_order).vectorize == batched
     torch.testing.assert_close(l0, l1, rtol=1e-10, atol=1e-12)
     for n in g0:
         torch.testing.assert_close(g0[n], g1[n], rtol=1e-8, atol=1e-10, msg=n)
@@ -163,14 +164,16 @@ def test_vmap_and_loop_agree(kind, first_order):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("first_order", [False, True])
-def test_forced_vmap_is_exact_or_refused(kind, first_order):
-    """vectorize=True never returns a wrong answer: it matches the reference or raises."""
+@pytest.mark.parametrize("batched", [True, "support"])
+def test_forced_vmap_is_exact_or_refused(kind, first_order, batched):
+    """A forced batched strategy never returns a wrong answer: it matches the reference
+    or raises."""
     model, loss_fn, data = make_case(kind)
     ref_loss, ref_grads = reference_meta_grad(model, loss_fn, data, 0.1, 2, first_order)
     try:
-        loss, grads, _ = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, True)
+        loss, grads, _ = metagrad_meta_grad(model, loss_fn, data, 0.1, 2, first_order, batched)
     except ValueError as e:
-        assert "vectorize=True is not" in str(e)
+        assert f"vectorize={batched!r} is not" in str(e)
         return
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     for n in ref_grads:
@@ -216,10 +219,20 @@ def test_zero_steps_is_plain_query_loss():
 
 def test_auto_strategy_vectorizes_mlp_and_loops_convnets_and_rnns():
     # on CPU; on a GPU convnets are vectorized when exact
-    for kind, expect in [("mlp", True), ("conv_bn", False), ("gru", False), ("layernorm", True)]:
+    cases = [("mlp", True), ("conv_bn", "support"), ("gru", False), ("layernorm", True)]
+    for kind, expect in cases:
         model, loss_fn, data = make_case(kind)
         maml = mg.MAML(model, loss_fn, inner_lr=0.1)
-        assert maml.strategy(data, steps=1, first_order=False).vectorize is expect, kind
+        assert maml.strategy(data, steps=1, first_order=False).vectorize == expect, kind
+    # a convnet's support sets are batched only when small; zero steps: nothing to batch
+    model, loss_fn, (sx, sy, qx, qy) = make_case("conv_bn")
+    big = sx.repeat(1, 1, 1, 12, 12)  # 6 images of 96x96 per task: > SMALL_SUPPORT values
+    assert big[0].numel() > mg.core.strategy.SMALL_SUPPORT
+    maml = mg.MAML(model, loss_fn, inner_lr=0.1)
+    verdict = maml.strategy((big, sy, qx, qy), steps=1, first_order=False)
+    assert verdict.vectorize is False and verdict.name == "per-task loop"
+    verdict = mg.MAML(model, loss_fn).strategy((sx, sy, qx, qy), steps=0, first_order=False)
+    assert verdict.vectorize is False
 
 
 def test_vmap_check_catches_wrong_second_order():
@@ -315,6 +328,8 @@ def test_bad_shapes_give_clear_errors(shapes, match):
 
 
 def test_bad_constructor_values():
+    with pytest.raises(ValueError, match="vectorize must be"):
+        mg.MAML(nn.Linear(1, 1), mse, vectorize="yes")
     with pytest.raises(ValueError, match="inner_lr"):
         mg.MAML(nn.Linear(1, 1), mse, inner_lr=0)
     with pytest.raises(ValueError, match="inner_steps"):
@@ -331,6 +346,8 @@ def _assert_grads_close(model, ref, rtol=1e-9, atol=1e-12):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_backward_matches_reference_and_accumulates(kind, first_order):
+    """With the default strategy: vmap (mlp, buffer, layernorm), support sets batched
+    (conv_bn), the loop (conv_in, gru)."""
     model, loss_fn, data = make_case(kind)
     ref_loss, ref = reference_meta_grad(model, loss_fn, data, 0.1, 2, first_order)
     maml = mg.MAML(model, loss_fn, inner_lr=0.1, inner_steps=2, first_order=first_order)
@@ -471,3 +488,30 @@ def test_autograd_inner_step_is_torch_func_grad(first_order):
     assert not torch.equal(f0["frozen.weight"], params["frozen.weight"])  # adapted too
     for a, b in zip(m0, m1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_support_batched_meta_backward_with_frozen_and_unused_parameters(first_order):
+    """vectorize="support" splits the chain rule at the adapted parameters; a frozen
+    parameter's adapted value still depends on the trainable ones and must carry its part."""
+    torch.manual_seed(0)
+    model = FrozenAndUnused().double()
+    g = torch.Generator().manual_seed(1)
+    sx, qx = torch.randn(3, 6, 3, generator=g), torch.randn(3, 5, 3, generator=g)
+    data = [t.double() for t in (sx, sx.sum(-1, keepdim=True), qx, qx.sum(-1, keepdim=True))]
+    results = []
+    for vectorize in (False, "support"):
+        maml = mg.MAML(
+            model, mse, inner_lr=0.1, inner_steps=2, first_order=first_order, vectorize=vectorize
+        )
+        model.zero_grad(set_to_none=True)
+        loss, out = maml.meta_backward(*data, return_outputs=True)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, out, grads))
+    (l0, o0, g0), (l1, o1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(o1, o0, rtol=1e-12, atol=1e-14)
+    assert g0["unused.weight"] is None and g1["unused.weight"].abs().max() == 0
+    for n in ("body.weight", "body.bias", "head.weight", "head.bias"):
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, msg=n)
+    assert model.frozen.weight.grad is None

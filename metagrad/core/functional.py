@@ -181,6 +181,29 @@ def plain_norms(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def batched_adapt(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Params,
+    buffers: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    *,
+    lr: float | Params,
+    steps: int,
+    first_order: bool = False,
+) -> Params:
+    """:func:`adapt` for every task of ``[tasks, shots, ...]`` support sets with ``vmap``:
+    adapted parameters with a leading task dimension."""
+
+    def one(x: Tensor, y: Tensor) -> Params:
+        return adapt(model, loss_fn, params, buffers, x, y, lr=lr, steps=steps,
+                     first_order=first_order)  # fmt: skip
+
+    with plain_norms(model):
+        return vmap(one, randomness="different")(support_x, support_y)
+
+
 def batched_query_loss(
     model: nn.Module,
     loss_fn: LossFn,
@@ -194,15 +217,29 @@ def batched_query_loss(
     lr: float | Params,
     steps: int,
     first_order: bool = False,
-    vectorize: bool,
+    vectorize: bool | str,
     autograd: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-task query losses ``[tasks]`` and predictions ``[tasks, query, ...]``.
 
     ``vectorize=True`` maps :func:`query_loss` over the task dimension with ``vmap``;
-    ``vectorize=False`` loops over tasks. Both compute the same function. ``autograd``:
-    see :func:`adapt` (ignored under ``vmap``).
+    ``vectorize=False`` loops over tasks; ``vectorize="support"`` adapts all tasks at once
+    with :func:`batched_adapt` and loops over the query sets. All compute the same
+    function. ``autograd``: see :func:`adapt` (ignored under ``vmap``).
     """
+    if vectorize == "support":
+        fast = batched_adapt(
+            model, loss_fn, params, buffers, support_x, support_y,
+            lr=lr, steps=steps, first_order=first_order,
+        )  # fmt: skip
+        outs = [
+            forward(model, {k: v[t] for k, v in fast.items()}, buffers, qx)
+            for t, qx in enumerate(query_x)
+        ]
+        losses = [loss_fn(out, qy) for out, qy in zip(outs, query_y, strict=True)]
+        return torch.stack(losses), torch.stack(outs)
+    if vectorize not in (True, False):
+        raise ValueError(f"vectorize must be True, False or 'support', got {vectorize!r}")
 
     def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         return query_loss(

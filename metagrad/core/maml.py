@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from . import functional as F
 from .functional import LossFn, Params
 from .malloc import keep_freed_memory
-from .strategy import Verdict, cheap_under_vmap, static_blocker, vmap_matches_loop
+from .strategy import (
+    Verdict,
+    cheap_under_vmap,
+    small_support,
+    static_blocker,
+    vmap_matches_loop,
+)
 
 
 class Adapted:
@@ -66,7 +72,9 @@ class MAML(nn.Module):
         first_order: treat inner gradients as constants (FOMAML) instead of
             backpropagating through them.
         vectorize: ``True`` batches tasks with ``vmap`` (after checking it is exact for this
-            model), ``False`` loops over tasks, ``None`` picks the fastest exact one.
+            model), ``False`` loops over tasks, ``"support"`` adapts all tasks at once with
+            ``vmap`` and loops over the query sets (checked the same way), ``None`` picks the
+            fastest exact one (see :meth:`strategy`).
         compile: run :meth:`meta_backward` as a ``torch.compile``-d
             ``torch.func.grad`` of the meta-loss (with the loss as aux) (one graph for a vmapped batch,
             one per-task graph reused across a loop). The first call per input shape pays
@@ -84,10 +92,12 @@ class MAML(nn.Module):
         inner_lr: float = 0.01,
         inner_steps: int = 1,
         first_order: bool = False,
-        vectorize: bool | None = None,
+        vectorize: bool | str | None = None,
         compile: bool | None = False,
     ) -> None:
         super().__init__()
+        if vectorize not in (None, True, False, "support"):
+            raise ValueError(f"vectorize must be None, True, False or 'support', got {vectorize!r}")
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
         if inner_lr <= 0:
@@ -116,7 +126,13 @@ class MAML(nn.Module):
     def strategy(
         self, data: tuple[Tensor, Tensor, Tensor, Tensor], *, steps: int, first_order: bool
     ) -> Verdict:
-        """Which execution strategy runs this batch, and why (decided once, then cached)."""
+        """Which execution strategy runs this batch, and why (decided once, then cached).
+
+        With ``vectorize=None``: on CUDA, and for small dense models on CPU, ``vmap`` over
+        the tasks; for other models on CPU ``"support"`` where one task's support inputs
+        are small (``strategy.SMALL_SUPPORT`` values), else the per-task loop. A batched
+        strategy is used only after it matched the loop in float64 on this model.
+        """
         device = data[0].device
         key = (device.type, data[0].dtype, steps, first_order, self.model.training)
         if key in self._verdicts:
@@ -126,21 +142,30 @@ class MAML(nn.Module):
             verdict = Verdict(False, "vectorize=False")
         elif blocker is not None:
             if self.vectorize:
-                raise ValueError(f"vectorize=True is not possible for this model: {blocker}")
+                raise ValueError(
+                    f"vectorize={self.vectorize!r} is not possible for this model: {blocker}"
+                )
             verdict = Verdict(False, blocker)
-        elif self.vectorize is None and not cheap_under_vmap(self.model, device):
+        elif (
+            self.vectorize is None
+            and not cheap_under_vmap(self.model, device)
+            and not small_support(data[0], steps)
+        ):
             verdict = Verdict(False, "per-task loop is faster for these layers on this device")
         else:
+            batched: bool | str = self.vectorize
+            if batched is None:
+                batched = True if cheap_under_vmap(self.model, device) else "support"
             ok, why = vmap_matches_loop(
-                self.model, self.loss_fn, data,
+                self.model, self.loss_fn, data, vectorize=batched,
                 lr=self.inner_lr, steps=max(steps, 1), first_order=first_order,
             )  # fmt: skip
             if not ok and self.vectorize:
                 raise ValueError(
-                    f"vectorize=True is not exact for this model: {why}; "
+                    f"vectorize={self.vectorize!r} is not exact for this model: {why}; "
                     "use vectorize=False or leave it unset"
                 )
-            verdict = Verdict(ok, why)
+            verdict = Verdict(batched if ok else False, why)
         self._verdicts[key] = verdict
         return verdict
 
@@ -219,11 +244,17 @@ class MAML(nn.Module):
             raise RuntimeError("meta_backward: no parameter of the model requires grad")
         tasks = support_x.shape[0]
         key = (vectorize, steps, first_order, support_x.device.type, support_x.dtype)
+        if vectorize == "support" and self._compiles((False, *key[1:])):
+            vectorize, key = False, (False, *key[1:])  # compiled graphs: vmapped or per task
         compiled = None
         if self._compiles(key):
             compiled = self._compiled_backward(key, params, trainable, buffers, data)
         if compiled is not None:
             loss, outputs = compiled
+        elif vectorize == "support":
+            loss, outputs = self._support_batched_backward(
+                params, buffers, data, steps, first_order
+            )
         elif vectorize:
             loss, outputs = self.meta_loss(*data, return_outputs=True)
             loss.backward()
@@ -243,6 +274,48 @@ class MAML(nn.Module):
             loss, outputs = torch.stack(losses).mean(), torch.stack(outs)
         loss, outputs = loss.detach(), outputs.detach()
         return (loss, outputs) if return_outputs else loss
+
+    def _support_batched_backward(
+        self,
+        params: Params,
+        buffers: Params,
+        data: tuple[Tensor, Tensor, Tensor, Tensor],
+        steps: int,
+        first_order: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """The ``"support"`` strategy's meta-gradient into ``.grad``; the loss and outputs.
+
+        All tasks are adapted at once under ``vmap``. Each task's query loss is then
+        differentiated with respect to its adapted parameters, detached, so that its graph
+        is freed before the next task, and one backward through the batched adaptation
+        carries these gradients to the meta-parameters: the chain rule, split in two.
+        """
+        support_x, support_y, query_x, query_y = data
+        tasks = support_x.shape[0]
+        fast = F.batched_adapt(
+            self.model, self.loss_fn, params, buffers, support_x, support_y,
+            lr=self.inner_lr, steps=steps, first_order=first_order,
+        )  # fmt: skip
+        live = [k for k, v in fast.items() if v.requires_grad]  # frozen ones may depend too
+        grads = {k: torch.empty_like(fast[k]) for k in live}
+        losses, outs = [], []
+        if support_x.device.type == "cpu":
+            keep_freed_memory()
+        for t, (qx, qy) in enumerate(zip(query_x, query_y, strict=True)):
+            p = {k: v[t].detach().requires_grad_(k in grads) for k, v in fast.items()}
+            out = F.forward(self.model, p, buffers, qx)
+            loss_t = self.loss_fn(out, qy)
+            if live:
+                gs = torch.autograd.grad(
+                    loss_t / tasks, [p[k] for k in live], allow_unused=True, materialize_grads=True
+                )
+                for k, g in zip(live, gs, strict=True):
+                    grads[k][t] = g
+            losses.append(loss_t.detach())
+            outs.append(out.detach())
+        if live:
+            torch.autograd.backward([fast[k] for k in live], [grads[k] for k in live])
+        return torch.stack(losses).mean(), torch.stack(outs)
 
     def _compiles(self, key: tuple) -> bool:
         if self.compile is None:  # auto: on CUDA, unless refused there
@@ -400,7 +473,7 @@ class MAML(nn.Module):
         """
         _check_batch(support_x, support_y, query_x, query_y)
         data = (support_x, support_y, query_x, query_y)
-        vectorize = self.strategy(data, steps=1, first_order=True).vectorize
+        vectorize = self.strategy(data, steps=1, first_order=True).vectorize is True
         params, buffers = self._params_buffers()
         lr = self.inner_lr if lr is None else lr
         names = list(metrics)

@@ -31,8 +31,8 @@ from ..errors import ConfigError
 from ..models import FCNet, miniimagenet_conv4, omniglot_conv4
 from .base import Batch, Experiment
 from .config import register_preset
+from .options import compile_option, vectorize_option
 from .runs import Run
-from .sinusoid import _compile, _vectorize
 from .stats import mean_ci95
 
 COMMON: dict[str, Any] = {
@@ -114,7 +114,7 @@ class FewShotExperiment(Experiment):
         super().__init__(cfg, device)
         if cfg["model"] not in ("conv4", "mlp"):
             raise ConfigError(f"bad value {cfg['model']!r} for model: choose conv4 or mlp")
-        self.vectorize = _vectorize(cfg["vectorize"])
+        self.vectorize = vectorize_option(cfg["vectorize"])
         self._samplers: dict[str, Any] = {}
 
     # -------------------------------------------------------------- data
@@ -148,7 +148,7 @@ class FewShotExperiment(Experiment):
         return MAML(
             self.network(), F.cross_entropy, inner_lr=cfg["inner_lr"],
             inner_steps=cfg["inner_steps"], first_order=cfg["first_order"],
-            vectorize=self.vectorize, compile=_compile(cfg["compile"]),
+            vectorize=self.vectorize, compile=compile_option(cfg["compile"]),
         )  # fmt: skip
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float | torch.Tensor]:

@@ -25,6 +25,7 @@ from ..models import MLP
 from ..tasks import SinusoidTasks
 from .base import Batch, Experiment
 from .config import register_preset
+from .options import compile_option, vectorize_option
 from .runs import Run
 from .stats import summarize_curves
 
@@ -62,26 +63,6 @@ register_preset(
 )
 
 
-def _vectorize(value: str) -> bool | None:
-    from ..errors import ConfigError
-
-    options = {"auto": None, "true": True, "false": False, "vmap": True, "loop": False}
-    if value.lower() not in options:
-        raise ConfigError(f"bad value {value!r} for vectorize: choose auto, vmap or loop")
-    return options[value.lower()]
-
-
-def _compile(value: str | bool) -> bool | None:
-    """The ``compile`` config value as ``MAML(compile=...)``: auto (None), true, false."""
-    from ..errors import ConfigError
-
-    options = {"auto": None, "true": True, "false": False}
-    key = str(value).lower()
-    if key not in options:
-        raise ConfigError(f"bad value {value!r} for compile: choose auto, true or false")
-    return options[key]
-
-
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred, target)
 
@@ -92,7 +73,7 @@ class SinusoidExperiment(Experiment):
     def __init__(self, cfg, device) -> None:
         super().__init__(cfg, device)
         self.tasks = SinusoidTasks()
-        self.vectorize = _vectorize(cfg["vectorize"])
+        self.vectorize = vectorize_option(cfg["vectorize"])
 
     def build(self) -> MAML:
         cfg = self.cfg
@@ -100,7 +81,7 @@ class SinusoidExperiment(Experiment):
         return MAML(
             model, _mse, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
             first_order=cfg["first_order"], vectorize=self.vectorize,
-            compile=_compile(cfg["compile"]),
+            compile=compile_option(cfg["compile"]),
         )  # fmt: skip
 
     def sample(self, generator: torch.Generator) -> Batch:
