@@ -121,8 +121,7 @@ def grad_check(
             ref = [g if g is not None else torch.zeros(()) for g in grads]
             assert isinstance(step, Metagrad)  # the verdict is cached: no second check
             verdict = step.maml.strategy(batch, steps=cfg.steps, first_order=first_order)
-            how = "vmap" if verdict.vectorize else "per-task loop"
-            strategy, out[lib] = f"{how} ({verdict.reason})", "PASS (reference)"
+            strategy, out[lib] = f"{verdict.name} ({verdict.reason})", "PASS (reference)"
             continue
         if not ref:
             out[lib] = "n/a (metagrad, the reference, failed)"
