@@ -515,3 +515,29 @@ def test_support_batched_meta_backward_with_frozen_and_unused_parameters(first_o
     for n in ("body.weight", "body.bias", "head.weight", "head.bias"):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, msg=n)
     assert model.frozen.weight.grad is None
+
+
+@pytest.mark.parametrize("vectorize", [False, "support"])
+def test_channels_last_query_pass_is_the_same_function(vectorize):
+    """The query pass in channels_last (the CPU default for conv nets) changes the memory
+    layout only: the same losses, outputs and meta-gradient as the contiguous one."""
+    model, loss_fn, data = make_case("conv_bn")
+    assert mg.MAML(model, loss_fn)._channels_last(data[2])  # auto: conv net, image inputs
+    mlp, mlp_loss, mlp_data = make_case("mlp")
+    assert not mg.MAML(mlp, mlp_loss)._channels_last(mlp_data[2])
+    results = []
+    for channels_last in (False, True):
+        maml = mg.MAML(
+            model, loss_fn, inner_lr=0.1, inner_steps=2, vectorize=vectorize,
+            channels_last=channels_last,
+        )  # fmt: skip
+        model.zero_grad(set_to_none=True)
+        loss, out = maml.meta_backward(*data, return_outputs=True)
+        results.append((loss, out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        losses, _ = maml.task_losses(*data)  # the differentiable path too
+        torch.testing.assert_close(losses.mean(), loss, rtol=1e-12, atol=1e-14)
+    (l0, o0, g0), (l1, o1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(o1, o0, rtol=1e-12, atol=1e-14)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, msg=n)

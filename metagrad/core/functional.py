@@ -30,6 +30,17 @@ def forward(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> Ten
     return functional_call(model, (params, buffers), (x,), strict=False)
 
 
+def to_channels_last(params: Params, x: Tensor) -> tuple[Params, Tensor]:
+    """4-D parameters and a 4-D input in ``torch.channels_last`` memory format.
+
+    The same values (and a differentiable copy), another layout: on CPU, oneDNN runs the
+    conv nets' forward and backward faster on it (the Omniglot net's query pass ~1.2x).
+    """
+    cl = torch.channels_last
+    params = {k: v.to(memory_format=cl) if v.dim() == 4 else v for k, v in params.items()}
+    return params, x.to(memory_format=cl) if x.dim() == 4 else x
+
+
 def task_loss(
     model: nn.Module, loss_fn: LossFn, params: Params, buffers: Params, x: Tensor, y: Tensor
 ) -> Tensor:
@@ -103,12 +114,18 @@ def query_loss(
     steps: int,
     first_order: bool = False,
     autograd: bool = False,
+    channels_last: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Loss and predictions on one task's query set after adapting on its support set."""
+    """Loss and predictions on one task's query set after adapting on its support set.
+
+    ``channels_last``: run the query pass in that memory format (:func:`to_channels_last`).
+    """
     fast = adapt(
         model, loss_fn, params, buffers, support_x, support_y,
         lr=lr, steps=steps, first_order=first_order, autograd=autograd,
     )  # fmt: skip
+    if channels_last:
+        fast, query_x = to_channels_last(fast, query_x)
     out = forward(model, fast, buffers, query_x)
     return loss_fn(out, query_y), out
 
@@ -219,23 +236,27 @@ def batched_query_loss(
     first_order: bool = False,
     vectorize: bool | str,
     autograd: bool = False,
+    channels_last: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-task query losses ``[tasks]`` and predictions ``[tasks, query, ...]``.
 
     ``vectorize=True`` maps :func:`query_loss` over the task dimension with ``vmap``;
     ``vectorize=False`` loops over tasks; ``vectorize="support"`` adapts all tasks at once
     with :func:`batched_adapt` and loops over the query sets. All compute the same
-    function. ``autograd``: see :func:`adapt` (ignored under ``vmap``).
+    function. ``autograd``: see :func:`adapt`; ``channels_last``: see :func:`query_loss`
+    (both ignored under ``vmap``).
     """
     if vectorize == "support":
         fast = batched_adapt(
             model, loss_fn, params, buffers, support_x, support_y,
             lr=lr, steps=steps, first_order=first_order,
         )  # fmt: skip
-        outs = [
-            forward(model, {k: v[t] for k, v in fast.items()}, buffers, qx)
-            for t, qx in enumerate(query_x)
-        ]
+        outs = []
+        for t, qx in enumerate(query_x):
+            p = {k: v[t] for k, v in fast.items()}
+            if channels_last:
+                p, qx = to_channels_last(p, qx)
+            outs.append(forward(model, p, buffers, qx))
         losses = [loss_fn(out, qy) for out, qy in zip(outs, query_y, strict=True)]
         return torch.stack(losses), torch.stack(outs)
     if vectorize not in (True, False):
@@ -245,6 +266,7 @@ def batched_query_loss(
         return query_loss(
             model, loss_fn, params, buffers, sx, sy, qx, qy,
             lr=lr, steps=steps, first_order=first_order, autograd=autograd and not vectorize,
+            channels_last=channels_last and not vectorize,
         )  # fmt: skip
 
     if vectorize:

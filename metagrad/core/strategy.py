@@ -77,6 +77,20 @@ def cheap_under_vmap(model: nn.Module, device: torch.device) -> bool:
     return all(isinstance(m, _CHEAP_UNDER_VMAP) for m in _leaves(model))
 
 
+def channels_last_query(model: nn.Module, query_x: Tensor) -> bool:
+    """Whether the per-task query passes should run in ``channels_last`` memory format.
+
+    On CPU, for models with 2-d convolutions fed images ``[tasks, n, C, H, W]``. Measured
+    on 2 cores (meta-iteration, in-process A/B): Omniglot net 5w1s 1.13x, 20w1s 1.07x,
+    MiniImagenet net 5w1s 0.99x (unchanged within noise).
+    """
+    return (
+        query_x.device.type == "cpu"
+        and query_x.dim() == 5
+        and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    )
+
+
 def small_support(support_x: Tensor, steps: int) -> bool:
     """Whether batching only the support sets is expected to beat the loop (CPU convnets)."""
     return steps >= 1 and support_x[0].numel() <= SMALL_SUPPORT
