@@ -37,3 +37,17 @@ def test_bench_sinusoid_metagrad_only(
     if importlib.util.find_spec("higher") is None:
         assert "higher: skipped (higher not installed)" in out
         assert "higher" not in rows
+
+
+def test_query_floor_reports_every_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    floor = importlib.import_module("query_floor")
+    text = floor.main(["--config", "omniglot-5w1s", "--rounds", "1", "--iters", "1",
+                       "--out-dir", str(tmp_path)])  # fmt: skip
+    assert "metagrad strategy: vmap support sets" in text
+    for part in ("metagrad meta_backward", "query pass", "query pass, channels_last"):
+        assert f"| {part} |" in text
+    (result,) = tmp_path.glob("*-omniglot-5w1s-floor.md")
+    assert result.read_text().strip() == text.strip() == capsys.readouterr().out.strip()
