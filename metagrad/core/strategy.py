@@ -34,10 +34,11 @@ _CHEAP_UNDER_VMAP: tuple[type[nn.Module], ...] = (
 
 
 # On CPU, a convnet's support sets are adapted with vmap (queries looped) when one task's
-# support inputs hold at most this many values. Measured on 2 cores (benchmarks/bench_maml.py,
-# paper Omniglot net): 5 Omniglot images per task (3,920 values, 32 tasks) 1.3x faster than
-# the loop; 20 images (15,680, 16 tasks) break-even; 5 MiniImagenet images (105,840, 4 tasks)
-# 0.86x.
+# support inputs hold at most this many values. Measured on 2 cores, in-process A/B of a
+# whole meta-gradient against the loop (the benchmarks' configs): 5 Omniglot images per task
+# (3,920 values, 32 tasks) 1.34x faster; 20 images (15,680, 16 tasks, 5 steps) break-even
+# (1.12x in one run, slower support side in another); 5 MiniImagenet images (105,840, 4
+# tasks) 0.86x.
 SMALL_SUPPORT = 8192
 
 
@@ -81,8 +82,8 @@ def channels_last_query(model: nn.Module, query_x: Tensor) -> bool:
     """Whether the per-task query passes should run in ``channels_last`` memory format.
 
     On CPU, for models with 2-d convolutions fed images ``[tasks, n, C, H, W]``. Measured
-    on 2 cores (meta-iteration, in-process A/B): Omniglot net 5w1s 1.13x, 20w1s 1.07x,
-    MiniImagenet net 5w1s 0.99x (unchanged within noise).
+    on 2 cores (whole meta-iteration, in-process A/B, two runs each): Omniglot net 5w1s
+    1.08-1.13x, 20w1s 1.07-1.12x, MiniImagenet net 5w1s 0.99x (unchanged within noise).
     """
     return (
         query_x.device.type == "cpu"
