@@ -541,3 +541,27 @@ def test_channels_last_query_pass_is_the_same_function(vectorize):
     torch.testing.assert_close(o1, o0, rtol=1e-12, atol=1e-14)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_channels_last_copy_hands_back_contiguous_gradients():
+    """The query pass runs on channels_last copies; the gradient reaching the adapted
+    parameters is contiguous again, so the adaptation's backward keeps its own layout."""
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    params, xc = mg.core.functional.to_channels_last({"w": w}, x)
+    p = params["w"]
+    assert p.is_contiguous(memory_format=torch.channels_last) and torch.equal(p, w)
+    assert xc.is_contiguous(memory_format=torch.channels_last) and torch.equal(xc, x)
+    y = F.conv2d(xc, p)
+    (g,) = torch.autograd.grad(y.square().sum(), w, create_graph=True)
+    assert g.is_contiguous()
+    torch.testing.assert_close(g, torch.autograd.grad(F.conv2d(x, w).square().sum(), w)[0])
+    # and it stays differentiable (a second-order use of the copy)
+    (gg,) = torch.autograd.grad(g.sum(), w)
+    assert torch.isfinite(gg).all()
+
+
+def test_meta_backward_under_no_grad_says_so():
+    model, loss_fn, data = make_case("conv_bn")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs grad mode"):
+        mg.MAML(model, loss_fn).meta_backward(*data)

@@ -248,6 +248,8 @@ class MAML(nn.Module):
         ``torch.func.grad`` (see the class docstring).
         """
         _check_batch(support_x, support_y, query_x, query_y)
+        if not torch.is_grad_enabled():
+            raise RuntimeError("meta_backward needs grad mode; it was called under torch.no_grad()")
         data = (support_x, support_y, query_x, query_y)
         steps, first_order = self.inner_steps, self.first_order
         vectorize = self.strategy(data, steps=steps, first_order=first_order).vectorize
@@ -280,7 +282,7 @@ class MAML(nn.Module):
                 loss_t, out_t = F.query_loss(
                     self.model, self.loss_fn, params, buffers, sx, sy, qx, qy,
                     lr=self.inner_lr, steps=steps, first_order=first_order,
-                    autograd=torch.is_grad_enabled(), channels_last=channels_last,
+                    autograd=True, channels_last=channels_last,
                 )  # fmt: skip
                 (loss_t / tasks).backward()
                 losses.append(loss_t.detach())
@@ -310,18 +312,18 @@ class MAML(nn.Module):
             self.model, self.loss_fn, params, buffers, support_x, support_y,
             lr=self.inner_lr, steps=steps, first_order=first_order,
         )  # fmt: skip
-        live = [k for k, v in fast.items() if v.requires_grad]  # frozen ones may depend too
-        channels_last = self._channels_last(query_x)
-        grads = {k: torch.empty_like(fast[k]) for k in live}
-        losses, outs = [], []
         if support_x.device.type == "cpu":
             keep_freed_memory()
+        channels_last = self._channels_last(query_x)
+        live = [k for k, v in fast.items() if v.requires_grad]  # frozen ones may depend too
+        grads = {k: torch.empty_like(fast[k]) for k in live}
+        losses, outs = [], []
         for t, (qx, qy) in enumerate(zip(query_x, query_y, strict=True)):
-            p = {k: v[t].detach() for k, v in fast.items()}
+            p = {k: v[t].detach().requires_grad_(k in grads) for k, v in fast.items()}
+            q = p
             if channels_last:
-                p, qx = F.to_channels_last(p, qx)
-            p = {k: v.requires_grad_(k in grads) for k, v in p.items()}
-            out = F.forward(self.model, p, buffers, qx)
+                q, qx = F.to_channels_last(p, qx)
+            out = F.forward(self.model, q, buffers, qx)
             loss_t = self.loss_fn(out, qy)
             if live:
                 gs = torch.autograd.grad(
