@@ -119,6 +119,19 @@ def test_bad_model_value():
         experiment_for(preset("omniglot-5w1s") | {"model": "resnet"})
 
 
+def test_vectorize_setting_reaches_maml():
+    from metagrad.errors import ConfigError
+    from metagrad.experiments.config import apply_overrides
+
+    cfg = preset("omniglot-5w1s")
+    assert cfg["vectorize"] == "auto" and experiment_for(cfg).build().vectorize is None
+    for text, expect in [("vmap", True), ("loop", False), ("Support", "support")]:
+        built = experiment_for(apply_overrides(cfg, [f"vectorize={text}"])).build()
+        assert built.vectorize == expect and type(built.vectorize) is type(expect)
+    with pytest.raises(ConfigError, match="auto, vmap, loop or support"):
+        experiment_for(apply_overrides(cfg, ["vectorize=sometimes"])).build()
+
+
 def test_compile_setting_auto_true_false_and_old_runs():
     from metagrad.errors import ConfigError
     from metagrad.experiments.config import apply_mapping, apply_overrides
