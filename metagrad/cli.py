@@ -281,6 +281,17 @@ def _report(e: MetagradError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``metagrad`` command; returns its exit status. A rank of a multi-process run
+    exits here instead (:func:`metagrad.experiments.distributed.exit_rank`)."""
+    from .experiments import distributed as D
+
+    code = _main(argv)
+    if D.joined_group():
+        D.exit_rank(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv

@@ -106,4 +106,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    D.exit_rank(main(sys.argv[1:]))  # as the CLI's ranks do
