@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import metagrad as mg
+from metagrad.errors import ConfigError
 from metagrad.experiments.config import preset
 from metagrad.experiments.registry import experiment_for
 from metagrad.experiments.runs import Run
 from metagrad.experiments.training import train
+from metagrad.tasks import SinusoidTasks
 
 SMALL = ["--set", "eval_tasks=50", "--set", "eval_shots=5,10", "--set", "eval_steps=3"]
 
@@ -106,6 +108,47 @@ def test_cli_pretrain_baseline_and_comparison(tmp_path):
     table = cli("eval", str(maml), str(pre)).stdout
     assert "maml" in table and "pretrain" in table
     cli("plot", str(maml), "--baseline", str(pre))
+
+
+def test_cli_oracle_knows_the_task(tmp_path):
+    # the oracle sees [x, amplitude, phase]: the same draws as the other methods, task appended
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    sx, sy, qx, qy = experiment_for(small_cfg(method="oracle")).sample(g1)
+    batch = SinusoidTasks().sample(25, 10, 10, g2)
+    assert sx.shape == (25, 10, 3) and torch.equal(sx[..., :1], batch.support_x)
+    assert torch.equal(sx[..., 1], batch.amplitude[:, None].expand(-1, 10))
+    assert torch.equal(qx[..., 2], batch.phase[:, None].expand(-1, 10))
+    with pytest.raises(ConfigError, match="maml, pretrain, oracle"):
+        experiment_for(small_cfg(method="magic"))
+    # a tiny pretrained and a tiny MAML run (in process), the oracle through the CLI
+    sets = [*SMALL, "--set", "finetune_val_tasks=20"]  # the same evaluation for all three
+    small = {"eval_tasks": 50, "eval_shots": [5, 10], "eval_steps": 3, "finetune_val_tasks": 20}
+    runs = {}
+    for method, iterations in [("maml", 20), ("pretrain", 200)]:
+        cfg = small_cfg(method=method, iterations=iterations, log_every=100, **small)
+        runs[method] = Run(tmp_path / method)
+        runs[method].path.mkdir()
+        runs[method].write_config(cfg)
+        train(experiment_for(cfg), runs[method], progress=False)
+    ora = tmp_path / "oracle"
+    proc = cli("train", "sinusoid", "--out", str(ora), "--set", "method=oracle",
+               "--set", "iterations=200", *sets)  # fmt: skip
+    assert "oracle" in proc.stdout and (ora / "plots" / "figure2_sinusoid_fits.png").is_file()
+    lr = torch.load(ora / "checkpoint.pt", weights_only=False)["extra"]["inner_lr"]
+    assert lr in preset("sinusoid")["finetune_lrs"]
+    table = cli("eval", str(runs["maml"].path), str(runs["pretrain"].path), str(ora)).stdout
+    methods = [line.split()[0] for line in table.splitlines() if "K=10" in line]
+    assert methods == ["maml", "pretrain", "oracle"], table
+    oracle = json.loads((ora / "eval.json").read_text())
+    pre = json.loads((runs["pretrain"].path / "eval.json").read_text())
+    assert oracle["method"] == "oracle" and oracle["inner_lr"] == lr
+    # same training budget, same test tasks: knowing the task, the oracle fits before adapting
+    assert oracle["results"]["K=10"]["mse"][0] < 0.7 * pre["results"]["K=10"]["mse"][0]
+    model = mg.load_run(ora)  # expects [x, amplitude, phase] per point
+    x = torch.linspace(-5, 5, 10).view(1, -1, 1)
+    amp, phase = torch.tensor([2.0]), torch.tensor([0.5])
+    xin = SinusoidTasks.task_inputs(x, amp, phase)[0]
+    assert model.adapt(xin, SinusoidTasks.function(x, amp, phase)[0], steps=1)(xin).shape == (10, 1)
 
 
 def test_cli_resume_after_sigterm_matches_straight_run(tmp_path):

@@ -5,6 +5,16 @@ same network by plain regression on points of random tasks (the paper's "pretrai
 baseline) and then picks its test-time fine-tuning step size on validation tasks (never
 the test tasks) from a grid, as the paper tunes it.
 
+``method = "oracle"`` is the original code's oracle baseline (cbfinn/maml,
+``--baseline=oracle``): a 3-40-40-1 network that sees each point as ``[x, amplitude,
+phase]`` (:meth:`SinusoidExperiment.inputs`; raw values, unnormalized, as there), trained
+exactly like ``pretrain`` (Adam, ``meta_lr``, ``iterations``, ``meta_batch`` tasks,
+regression on all support and query points). It knows the task, so it needs no adaptation;
+it is still evaluated under the same protocol (gradient steps on the K support points,
+whose inputs carry the amplitude and phase too), with its fine-tuning step size picked from
+``finetune_lrs`` on validation tasks as for ``pretrain``, for consistency. A loaded oracle
+model (``metagrad.load_run``) expects those 3-column inputs.
+
 Evaluation: 600 test tasks drawn from a fixed seed (``eval_seed``, independent of the
 training seed), the same tasks and query points for every K; the MSE on
 ``eval_queries`` query points after 0..``eval_steps`` gradient steps on K support points,
@@ -22,7 +32,7 @@ from torch.nn import functional as F
 
 from ..core import MAML
 from ..models import MLP
-from ..tasks import SinusoidTasks
+from ..tasks import SinusoidBatch, SinusoidTasks
 from .base import Batch, Experiment
 from .config import register_preset
 from .options import compile_option, vectorize_option
@@ -68,7 +78,7 @@ def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class SinusoidExperiment(Experiment):
-    methods = ("maml", "pretrain")
+    methods = ("maml", "pretrain", "oracle")
 
     def __init__(self, cfg, device) -> None:
         super().__init__(cfg, device)
@@ -77,22 +87,34 @@ class SinusoidExperiment(Experiment):
 
     def build(self) -> MAML:
         cfg = self.cfg
-        model = MLP(1, cfg["hidden"], 1)
+        model = MLP(3 if cfg["method"] == "oracle" else 1, cfg["hidden"], 1)
         return MAML(
             model, _mse, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
             first_order=cfg["first_order"], vectorize=self.vectorize,
             compile=compile_option(cfg["compile"]),
         )  # fmt: skip
 
+    def inputs(self, x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor):
+        """What the network sees of points ``x`` (``[tasks, points, 1]``) of the tasks with
+        these amplitudes and phases: ``x`` itself, or ``[x, A, phi]`` per point for the oracle."""
+        if self.cfg["method"] != "oracle":
+            return x
+        return self.tasks.task_inputs(x, amplitude, phase)
+
+    def _tensors(self, batch: SinusoidBatch) -> Batch:
+        sx, sy, qx, qy = batch.tensors()
+        a, p = batch.amplitude, batch.phase
+        return self.inputs(sx, a, p), sy, self.inputs(qx, a, p), qy
+
     def sample(self, generator: torch.Generator) -> Batch:
         cfg = self.cfg
         batch = self.tasks.sample(cfg["meta_batch"], cfg["shots"], cfg["queries"], generator)
-        return tuple(t.to(self.device) for t in batch.tensors())  # type: ignore[return-value]
+        return tuple(t.to(self.device) for t in self._tensors(batch))  # type: ignore[return-value]
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float]:
         if self.cfg["method"] == "maml":
             return super().train_step(maml, batch)
-        sx, sy, qx, qy = batch  # pretraining: plain regression on all points of all tasks
+        sx, sy, qx, qy = batch  # pretrain, oracle: plain regression on all points of all tasks
         loss = _mse(maml.model(torch.cat([sx, qx], 1)), torch.cat([sy, qy], 1))
         loss.backward()
         return {"loss": loss.item()}
@@ -104,14 +126,14 @@ class SinusoidExperiment(Experiment):
         return self.tasks.sample(tasks, shots, self.cfg["eval_queries"], g)
 
     def _curves(self, maml: MAML, batch, shots: int, lr: float, steps: int) -> torch.Tensor:
-        sx, sy, qx, qy = (t.to(self.device) for t in batch.tensors())
+        sx, sy, qx, qy = (t.to(self.device) for t in self._tensors(batch))
         out = maml.adaptation_curve(
             sx[:, :shots], sy[:, :shots], qx, qy, steps, {"mse": _mse}, lr=lr
         )
         return out["mse"].cpu()
 
     def finalize(self, maml: MAML) -> dict[str, Any]:
-        if self.cfg["method"] != "pretrain":
+        if self.cfg["method"] == "maml":
             return {}
         # tune the fine-tuning step size on validation tasks (a seed apart from the test ones)
         batch = self._eval_batch(self.cfg["finetune_val_tasks"], self.cfg["eval_seed"] + 1)

@@ -17,7 +17,7 @@ from .runs import EVAL, Run  # noqa: E402
 if TYPE_CHECKING:
     from .sinusoid import SinusoidExperiment
 
-LABELS = {"maml": "MAML", "pretrain": "pretrained"}
+LABELS = {"maml": "MAML", "pretrain": "pretrained", "oracle": "oracle"}
 
 
 def _runs(exp: SinusoidExperiment, run: Run, baseline: Run | None):
@@ -45,13 +45,16 @@ def figure2(exp: SinusoidExperiment, run: Run, baseline: Run | None, path: Path)
         for col, k in enumerate(shots_list):
             ax = axes[row, col]
             sx, sy = task.support_x[0, :k], task.support_y[0, :k]
+            # the network's inputs (the oracle's also hold the task's amplitude and phase)
+            sx_in = e.inputs(task.support_x, task.amplitude, task.phase)[0, :k]
+            xs_in = e.inputs(xs, task.amplitude, task.phase)[0]
             ax.plot(xs[0, :, 0], truth[0, :, 0], color="red", lw=2, label="ground truth")
             ax.scatter(
                 sx[:, 0], sy[:, 0], marker="^", color="purple", zorder=5, label=f"{k} points"
             )
             for steps, style in [(0, ":"), (1, "--"), (10, "-")]:
                 with torch.no_grad():
-                    pred = maml.adapt(sx, sy, steps=steps)(xs[0])
+                    pred = maml.adapt(sx_in, sy, steps=steps)(xs_in)
                 label = "pre-update" if steps == 0 else f"{steps} grad step" + "s" * (steps > 1)
                 ax.plot(xs[0, :, 0], pred[:, 0], style, color="green", label=label)
             method = LABELS.get(e.cfg["method"], e.cfg["method"])

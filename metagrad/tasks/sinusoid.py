@@ -2,7 +2,9 @@
 
 A task is ``y = A sin(x - phi)`` with amplitude ``A ~ U[0.1, 5]``, phase ``phi ~ U[0, pi]``
 and inputs ``x ~ U[-5, 5]``. Everything is sampled as whole tensors, no Python loop over
-tasks or points.
+tasks or points. Each batch also carries its tasks' amplitudes and phases, and
+:meth:`SinusoidTasks.task_inputs` appends them to every point (the inputs of the "oracle"
+baseline, which is told the task).
 """
 
 from __future__ import annotations
@@ -51,3 +53,10 @@ class SinusoidTasks:
     def function(x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
         """``A sin(x - phi)`` for ``x`` of shape ``[tasks, points, 1]``."""
         return amplitude[:, None, None] * torch.sin(x - phase[:, None, None])
+
+    @staticmethod
+    def task_inputs(x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
+        """``[x, A, phi]`` per point: ``x`` of shape ``[tasks, points, 1]`` becomes
+        ``[tasks, points, 3]``, each task's amplitude and phase beside each of its points."""
+        task = torch.stack([amplitude, phase], -1).to(x)[:, None, :]  # [tasks, 1, 2]
+        return torch.cat([x, task.expand(-1, x.shape[1], -1)], -1)
