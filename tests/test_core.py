@@ -386,8 +386,8 @@ def bad_compile(fn, **_):
     """A stand-in for torch.compile whose gradients are 1% off."""
 
     def wrapped(*args):
-        grads, aux = fn(*args)
-        return {k: g * 1.01 for k, g in grads.items()}, aux
+        (grads, rate_grads), aux = fn(*args)
+        return ({k: g * 1.01 for k, g in grads.items()}, rate_grads), aux
 
     return wrapped
 
@@ -408,19 +408,23 @@ def test_wrong_compiled_gradient_is_caught(monkeypatch, dtype):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_auto_compile_is_eager_on_cpu():
+def test_auto_compile_is_eager_on_cpu(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     model, loss_fn, data = make_case("mlp")
     maml = mg.MAML(model, loss_fn, inner_lr=0.1, compile=None)
     maml.meta_backward(*data)
-    assert not maml._grad_fns  # nothing compiled on a CPU
+    assert not compiled  # nothing compiled on a CPU
 
 
 def test_auto_compile_falls_back_to_eager_when_not_exact(monkeypatch):
     """compile=None (what the few-shot presets use on CUDA) warns and runs eagerly where a
     compiled gradient fails its check, and does not try that graph again."""
 
-    monkeypatch.setattr(torch, "compile", bad_compile)
-    monkeypatch.setattr(mg.MAML, "_compiles", lambda self, key: key not in self._not_compiled)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn) or bad_compile(fn))
+    # as on CUDA, where compile=None compiles
+    monkeypatch.setattr(mg.core.compiled.Compiled, "AUTO_DEVICES", ("cpu", "cuda"))
     model, loss_fn, data = make_case("mlp")
     ref_loss, ref_grads = reference_meta_grad(model, loss_fn, data, 0.1, 1, False)
     maml = mg.MAML(model, loss_fn, inner_lr=0.1, compile=None)
@@ -434,7 +438,7 @@ def test_auto_compile_falls_back_to_eager_when_not_exact(monkeypatch):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-8, atol=1e-10, msg=n)
-    assert len(maml._not_compiled) == 1
+    assert len(calls) == 1  # the refused graph is not compiled again
 
 
 def test_keep_freed_memory_is_applied_once_and_can_be_turned_off(monkeypatch):
@@ -467,18 +471,19 @@ class FrozenAndUnused(nn.Module):
 @pytest.mark.parametrize("first_order", [False, True])
 def test_autograd_inner_step_is_torch_func_grad(first_order):
     """adapt(autograd=True), the per-task loop's faster inner step, gives the same adapted
-    parameters and meta-gradient as torch.func.grad, frozen and unused parameters included."""
+    parameters and meta-gradient as torch.func.grad, frozen (selected to adapt) and unused
+    parameters included."""
     torch.manual_seed(0)
     model = FrozenAndUnused().double()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
     qx = torch.randn(5, 3, dtype=torch.float64)
     params, results = dict(model.named_parameters()), []
+    spec = mg.core.Spec(tuple(params), steps=2, lr=0.1, first_order=first_order)
     for autograd in (False, True):
-        fast = mg.core.functional.adapt(
-            model, mse, params, {}, x, y, lr=0.1, steps=2, first_order=first_order,
-            autograd=autograd,
-        )  # fmt: skip
-        out = mg.core.functional.forward(model, fast, {}, qx).square().sum()
+        support = mg.core.support_loss(model, mse, {}, x, y)
+        hyper = mg.core.Hyper({}, None)
+        fast = mg.core.adapt(support, params, spec, hyper, autograd=autograd)
+        out = mg.core.forward(model, fast, {}, qx).square().sum()
         trainable = [p for p in params.values() if p.requires_grad]
         meta = torch.autograd.grad(out, trainable, allow_unused=True, materialize_grads=True)
         results.append((fast, meta))
@@ -491,9 +496,12 @@ def test_autograd_inner_step_is_torch_func_grad(first_order):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_support_batched_meta_backward_with_frozen_and_unused_parameters(first_order):
-    """vectorize="support" splits the chain rule at the adapted parameters; a frozen
-    parameter's adapted value still depends on the trainable ones and must carry its part."""
+@pytest.mark.parametrize("adapt", [None, "all"])
+def test_support_batched_meta_backward_with_frozen_and_unused_parameters(first_order, adapt):
+    """vectorize="support" splits the chain rule at the adapted parameters. By default a
+    frozen parameter does not adapt; selected to adapt, its adapted value depends on the
+    trainable ones and must carry its part of the meta-gradient."""
+    adapt = (lambda name: True) if adapt == "all" else None
     torch.manual_seed(0)
     model = FrozenAndUnused().double()
     g = torch.Generator().manual_seed(1)
@@ -502,8 +510,9 @@ def test_support_batched_meta_backward_with_frozen_and_unused_parameters(first_o
     results = []
     for vectorize in (False, "support"):
         maml = mg.MAML(
-            model, mse, inner_lr=0.1, inner_steps=2, first_order=first_order, vectorize=vectorize
-        )
+            model, mse, inner_lr=0.1, inner_steps=2, first_order=first_order, vectorize=vectorize,
+            adapt=adapt,
+        )  # fmt: skip
         model.zero_grad(set_to_none=True)
         loss, out = maml.meta_backward(*data, return_outputs=True)
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -522,9 +531,9 @@ def test_channels_last_query_pass_is_the_same_function(vectorize):
     """The query pass in channels_last (the CPU default for conv nets) changes the memory
     layout only: the same losses, outputs and meta-gradient as the contiguous one."""
     model, loss_fn, data = make_case("conv_bn")
-    assert mg.MAML(model, loss_fn)._channels_last(data[2])  # auto: conv net, image inputs
-    mlp, mlp_loss, mlp_data = make_case("mlp")
-    assert not mg.MAML(mlp, mlp_loss)._channels_last(mlp_data[2])
+    assert mg.core.strategy.channels_last_query(model, data[2])  # auto: conv net, images
+    mlp, _, mlp_data = make_case("mlp")
+    assert not mg.core.strategy.channels_last_query(mlp, mlp_data[2])
     results = []
     for channels_last in (False, True):
         maml = mg.MAML(

@@ -1,13 +1,7 @@
-"""The functional heart of MAML: pure functions of (parameters, buffers, data).
+"""Functional forward passes: parameters as dicts, ``functional_call``, and the layout and
+normalisation helpers that keep them fast and exact.
 
 Parameters are ``dict[str, Tensor]`` as returned by ``dict(model.named_parameters())``.
-The inner loop is plain gradient descent written with :func:`torch.func.grad` and
-:func:`torch.func.functional_call`; because ``torch.func`` transforms compose with
-ordinary autograd, the adapted parameters stay differentiable with respect to the
-initial ones, so a ``backward()`` on the query loss is the exact second-order
-meta-gradient. ``first_order=True`` detaches the inner gradients (FOMAML). The eager
-per-task loop may take the same inner gradient from ``torch.autograd.grad`` (``autograd=True``,
-a few percent faster on CPU convnets).
 """
 
 from __future__ import annotations
@@ -17,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 from torch.nn import functional as nnf
 from torch.overrides import TorchFunctionMode
 
@@ -59,95 +53,6 @@ def to_channels_last(params: Params, x: Tensor) -> tuple[Params, Tensor]:
     ~1.2x, MiniImagenet net ~1.45x, ``benchmarks/query_floor.py``).
     """
     return {k: _channels_last(v) for k, v in params.items()}, _channels_last(x)
-
-
-def task_loss(
-    model: nn.Module, loss_fn: LossFn, params: Params, buffers: Params, x: Tensor, y: Tensor
-) -> Tensor:
-    return loss_fn(forward(model, params, buffers, x), y)
-
-
-def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
-    """One plain gradient-descent step; ``lr`` is a float or a per-parameter dict."""
-    if isinstance(lr, dict):
-        return {k: p - lr[k] * grads[k] for k, p in params.items()}
-    return {k: p - lr * grads[k] for k, p in params.items()}
-
-
-def adapt(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: Params,
-    buffers: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    lr: float | Params,
-    steps: int,
-    first_order: bool = False,
-    autograd: bool = False,
-) -> Params:
-    """Adapt ``params`` to one task's support set ``(x, y)`` with ``steps`` SGD steps.
-
-    Every parameter in ``params`` is adapted. The inner gradient comes from
-    :func:`torch.func.grad`; ``autograd=True`` takes it from ``torch.autograd.grad``
-    (``create_graph`` unless ``first_order``) instead: the same numbers, ~6% faster per
-    meta-iteration for the conv nets on CPU, but only valid with grad mode on and outside
-    ``torch.func`` transforms (the per-task loop, not ``vmap`` or the compiled gradient).
-    """
-
-    def loss(p: Params, b: Params) -> Tensor:
-        return task_loss(model, loss_fn, p, b, x, y)
-
-    for _ in range(steps):
-        if autograd:
-            # parameters that do not require grad (frozen) are adapted too, as with
-            # torch.func.grad, without making them part of the meta-gradient
-            inputs = {
-                k: p if p.requires_grad else p.detach().requires_grad_() for k, p in params.items()
-            }
-            gs = torch.autograd.grad(
-                loss(inputs, buffers), list(inputs.values()), create_graph=not first_order,
-                allow_unused=True, materialize_grads=True,  # zeros for unused, as torch.func
-            )  # fmt: skip
-            params = sgd_step(inputs, dict(zip(inputs, gs, strict=True)), lr)
-            continue
-        # buffers are an explicit input so that layers may update them in place
-        grads = grad(loss)(params, buffers)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        params = sgd_step(params, grads, lr)
-    return params
-
-
-def query_loss(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: Params,
-    buffers: Params,
-    support_x: Tensor,
-    support_y: Tensor,
-    query_x: Tensor,
-    query_y: Tensor,
-    *,
-    lr: float | Params,
-    steps: int,
-    first_order: bool = False,
-    autograd: bool = False,
-    channels_last: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Loss and predictions on one task's query set after adapting on its support set.
-
-    ``channels_last``: run the query pass in that memory format (:func:`to_channels_last`).
-    """
-    fast = adapt(
-        model, loss_fn, params, buffers, support_x, support_y,
-        lr=lr, steps=steps, first_order=first_order, autograd=autograd,
-    )  # fmt: skip
-    if channels_last:
-        fast, query_x = to_channels_last(fast, query_x)
-    out = forward(model, fast, buffers, query_x)
-    return loss_fn(out, query_y), out
 
 
 def _batch_norm(
@@ -218,82 +123,6 @@ def plain_norms(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def batched_adapt(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: Params,
-    buffers: Params,
-    support_x: Tensor,
-    support_y: Tensor,
-    *,
-    lr: float | Params,
-    steps: int,
-    first_order: bool = False,
-) -> Params:
-    """:func:`adapt` for every task of ``[tasks, shots, ...]`` support sets with ``vmap``:
-    adapted parameters with a leading task dimension."""
-
-    def one(x: Tensor, y: Tensor) -> Params:
-        return adapt(model, loss_fn, params, buffers, x, y, lr=lr, steps=steps,
-                     first_order=first_order)  # fmt: skip
-
-    with plain_norms(model):
-        return vmap(one, randomness="different")(support_x, support_y)
-
-
-def batched_query_loss(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: Params,
-    buffers: Params,
-    support_x: Tensor,
-    support_y: Tensor,
-    query_x: Tensor,
-    query_y: Tensor,
-    *,
-    lr: float | Params,
-    steps: int,
-    first_order: bool = False,
-    vectorize: bool | str,
-    autograd: bool = False,
-    channels_last: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Per-task query losses ``[tasks]`` and predictions ``[tasks, query, ...]``.
-
-    ``vectorize=True`` maps :func:`query_loss` over the task dimension with ``vmap``;
-    ``vectorize=False`` loops over tasks; ``vectorize="support"`` adapts all tasks at once
-    with :func:`batched_adapt` and loops over the query sets. All compute the same
-    function. ``autograd``: see :func:`adapt`; ``channels_last``: see :func:`query_loss`
-    (both ignored under ``vmap``).
-    """
-    if vectorize == "support":
-        fast = batched_adapt(
-            model, loss_fn, params, buffers, support_x, support_y,
-            lr=lr, steps=steps, first_order=first_order,
-        )  # fmt: skip
-        outs = []
-        for t, qx in enumerate(query_x):
-            p = {k: v[t] for k, v in fast.items()}
-            if channels_last:
-                p, qx = to_channels_last(p, qx)
-            outs.append(forward(model, p, buffers, qx))
-        losses = [loss_fn(out, qy) for out, qy in zip(outs, query_y, strict=True)]
-        return torch.stack(losses), torch.stack(outs)
-    if vectorize not in (True, False):
-        raise ValueError(f"vectorize must be True, False or 'support', got {vectorize!r}")
-
-    def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-        return query_loss(
-            model, loss_fn, params, buffers, sx, sy, qx, qy,
-            lr=lr, steps=steps, first_order=first_order, autograd=autograd and not vectorize,
-            channels_last=channels_last and not vectorize,
-        )  # fmt: skip
-
-    if vectorize:
-        with plain_norms(model):
-            return vmap(one, randomness="different")(support_x, support_y, query_x, query_y)
-    losses, outs = zip(
-        *(one(*t) for t in zip(support_x, support_y, query_x, query_y, strict=True)),
-        strict=True,
-    )
-    return torch.stack(losses), torch.stack(outs)
+def batched_forward(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> Tensor:
+    """Per-task parameters ``[tasks, ...]`` on inputs ``[tasks, n, ...]`` with ``vmap``."""
+    return vmap(lambda p, xt: forward(model, p, buffers, xt))(params, x)

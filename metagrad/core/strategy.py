@@ -15,13 +15,14 @@ batched query pass falls out of cache.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .functional import LossFn
+from . import executors
+from .executors import Problem
+from .spec import Hyper, Params
 
 # Leaf layers for which batching tasks with vmap pays on CPU (small dense layers bound by
 # Python overhead). Convolutions run faster in a per-task loop on CPU: vmap turns them
@@ -101,40 +102,76 @@ def _as_double(t: Tensor) -> Tensor:
     return t.double() if t.is_floating_point() else t
 
 
+def choose(
+    problem: Problem,
+    hyper: Hyper,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    vectorize: bool | str | None,
+) -> Verdict:
+    """The strategy for this batch. ``vectorize=None``: on CUDA, and for small dense models
+    on CPU, ``vmap`` over the tasks; for other models on CPU ``"support"`` where one task's
+    support inputs are small (``SMALL_SUPPORT`` values), else the loop. A batched strategy
+    runs only after it matched the loop in float64 on this problem; a forced one that
+    cannot be exact raises ``ValueError``."""
+    model, device = problem.model, data[0].device
+    blocker = static_blocker(model)
+    if vectorize is False:
+        return Verdict(False, "vectorize=False")
+    if blocker is not None:
+        if vectorize:
+            raise ValueError(f"vectorize={vectorize!r} is not possible for this model: {blocker}")
+        return Verdict(False, blocker)
+    cheap = cheap_under_vmap(model, device)
+    if vectorize is None and not cheap and not small_support(data[0], problem.spec.steps):
+        return Verdict(False, "per-task loop is faster for these layers on this device")
+    batched: bool | str = vectorize if vectorize is not None else (True if cheap else "support")
+    ok, why = vmap_matches_loop(replace(problem, spec=replace(problem.spec, steps=max(
+        problem.spec.steps, 1))), hyper, data, vectorize=batched)  # fmt: skip
+    if not ok and vectorize:
+        raise ValueError(
+            f"vectorize={vectorize!r} is not exact for this model: {why}; "
+            "use vectorize=False or leave it unset"
+        )
+    return Verdict(batched if ok else False, why)
+
+
+def _double(problem: Problem, hyper: Hyper) -> tuple[Problem, Params, Params, Hyper]:
+    """A float64 copy of the problem: its model's parameters (trainable ones as leaves that
+    require grad) and learned rates, detached from the originals."""
+    model = copy.deepcopy(problem.model).double()
+    params = dict(model.named_parameters())
+    buffers = {k: _as_double(b) for k, b in model.named_buffers()}
+    rates = {k: r.detach().double().requires_grad_(r.requires_grad) for k, r in hyper.rates.items()}
+    weights = None if hyper.weights is None else hyper.weights.detach().double()
+    return replace(problem, model=model, buffers=buffers), params, buffers, Hyper(rates, weights)
+
+
 def vmap_matches_loop(
-    model: nn.Module,
-    loss_fn: LossFn,
+    problem: Problem,
+    hyper: Hyper,
     data: tuple[Tensor, Tensor, Tensor, Tensor],
     *,
-    lr: float,
-    steps: int,
-    first_order: bool,
     tasks: int = 2,
     vectorize: bool | str = True,
 ) -> tuple[bool, str]:
-    """Compare vmap and the loop in float64 on a copy of ``model`` and a slice of ``data``.
+    """Compare a batched strategy and the loop in float64 on a copy of the problem's model
+    and a slice of ``data``.
 
-    Checks the query losses and the meta-gradient of every trainable parameter (frozen
-    ones are adapted in the inner loop, but get no meta-gradient). ``vectorize``: the
-    batched strategy to check (``True``: vmap, ``"support"``: vmap over the support sets).
+    Checks the query losses and the meta-gradient of every trainable parameter and learned
+    rate (frozen parameters get none). ``vectorize``: the batched strategy to check
+    (``True``: vmap, ``"support"``: vmap over the support sets).
     """
     what = "vmap" if vectorize is True else "vmap over the support sets"
-    m = copy.deepcopy(model).double()
-    params = dict(m.named_parameters())
-    trainable = {k: p for k, p in params.items() if p.requires_grad}
-    buffers = {k: _as_double(b) for k, b in m.named_buffers()}
-    batch = [_as_double(t[:tasks].detach()) for t in data]
+    p64, params, _, h64 = _double(problem, hyper)
+    wrt = {k: p for k, p in params.items() if p.requires_grad}
+    wrt |= {f"learned lr of {k}": r for k, r in h64.rates.items() if r.requires_grad}
+    batch = tuple(_as_double(t[:tasks].detach()) for t in data)
     results = []
     for strategy in (False, vectorize):
         try:
             with torch.enable_grad():
-                losses, _ = F.batched_query_loss(
-                    m, loss_fn, params, buffers, *batch,
-                    lr=lr, steps=steps, first_order=first_order, vectorize=strategy,
-                )  # fmt: skip
-                grads = torch.autograd.grad(
-                    losses.sum(), list(trainable.values()), allow_unused=True
-                )
+                losses, _ = executors.run(p64, params, h64, batch, strategy)  # type: ignore[arg-type]
+                grads = torch.autograd.grad(losses.sum(), list(wrt.values()), allow_unused=True)
         except Exception as e:  # any failure under vmap means: do not use vmap
             return False, f"{what} failed: {type(e).__name__}: {str(e).splitlines()[0]}"
         results.append((losses.detach(), [None if g is None else g.detach() for g in grads]))
@@ -146,7 +183,7 @@ def vmap_matches_loop(
     # one scale for all parameters: gradients that are exactly zero in exact arithmetic
     # (a bias feeding a normalisation) are float noise in both strategies
     scale = max([a.abs().max().item() for a in g0 if a is not None] + [1e-12])
-    for name, a, b in zip(trainable, g0, g1, strict=True):
+    for name, a, b in zip(wrt, g0, g1, strict=True):
         if a is not None and not torch.allclose(a, b, rtol=1e-7, atol=1e-9 * scale):
             err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-9 * scale)
             return False, f"{what} gives a wrong meta-gradient for {name!r} (rel. error {err:.1e})"
