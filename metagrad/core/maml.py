@@ -95,8 +95,8 @@ class MAML(nn.Module):
     @step_weights.setter
     def step_weights(self, weights: Sequence[float] | Tensor | None) -> None:
         if weights is not None:
-            device = next(iter(self.model.parameters()), torch.empty(0)).device
-            weights = step_weights_tensor(weights, self.inner_steps).to(device)
+            like = next(iter(self.model.parameters()), torch.empty(0))
+            weights = step_weights_tensor(weights, self.inner_steps).to(like.device, like.dtype)
         self._weights = weights
 
     def forward(self, x: Tensor) -> Tensor:

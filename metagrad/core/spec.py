@@ -116,7 +116,7 @@ def initial_rates(spec: Spec, params: Params) -> Params:
 
 def step_weights_tensor(weights: Sequence[float] | Tensor, steps: int) -> Tensor:
     """Validated multi-step loss weights as a float tensor of length ``steps``."""
-    w = torch.as_tensor(weights, dtype=torch.float32).detach().flatten()
+    w = torch.as_tensor(weights, dtype=torch.float64).detach().flatten()
     if w.numel() != steps:
         raise ValueError(
             f"step_weights has {w.numel()} weights for inner_steps={steps}; give one per step"
