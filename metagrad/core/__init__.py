@@ -26,3 +26,4 @@ __all__ = [
     "task_loss",
     "vmap_matches_loop",
 ]
+from . import linalg as linalg  # noqa: E402  (shared CG and Hessian-vector products)

@@ -38,7 +38,7 @@ def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) 
     """A plain-text table: one row per (run, setting), one column per step count."""
     steps = steps if steps is not None else results[0]["steps"]
     metric = results[0]["metric"]
-    head = ["method", "setting"] + [f"{s} step{'s' * (s != 1)}" for s in steps]
+    head = ["algorithm", "setting"] + [f"{s} step{'s' * (s != 1)}" for s in steps]
     rows, notes = [], set()
     for res in results:
         for setting, vals in res["results"].items():
@@ -50,7 +50,7 @@ def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) 
             if converged:
                 lost = res["tasks"] - vals["converged_tasks"]
                 notes.add(
-                    f"{res['method']} {setting}*: mean over the {vals['converged_tasks']} of "
+                    f"{res.get('algorithm', res['method'])} {setting}*: mean over the {vals['converged_tasks']} of "
                     f"{res['tasks']} tasks that stayed finite at every step ({lost} diverged)"
                 )
             cells = []
@@ -62,7 +62,7 @@ def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) 
                     cells.append(f"diverged on {diverged[i]} task{'s' * (diverged[i] > 1)}")
                 else:
                     cells.append(f"{mean:.3f} ± {ci:.3f}")
-            rows.append([res["method"], setting + "*" * converged, *cells])
+            rows.append([res.get("algorithm", res["method"]), setting + "*" * converged, *cells])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     unit = " (%)" if metric == "accuracy" else ""

@@ -31,11 +31,11 @@ from ..errors import ConfigError
 from ..models import FCNet, miniimagenet_conv4, omniglot_conv4
 from .base import Batch, Experiment
 from .config import register_preset
-from .options import compile_option, vectorize_option
+from .options import FAMILY, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
 from .stats import mean_ci95
 
-COMMON: dict[str, Any] = {
+COMMON: dict[str, Any] = FAMILY | {
     "method": "maml",
     "seed": 0,
     "iterations": 60_000,
@@ -145,10 +145,9 @@ class FewShotExperiment(Experiment):
 
     def build(self) -> MAML:
         cfg = self.cfg
-        return MAML(
-            self.network(), F.cross_entropy, inner_lr=cfg["inner_lr"],
-            inner_steps=cfg["inner_steps"], first_order=cfg["first_order"],
-            vectorize=self.vectorize, compile=compile_option(cfg["compile"]),
+        return build_learner(
+            self.network(), F.cross_entropy, cfg, vectorize=self.vectorize,
+            compile=compile_option(cfg["compile"]),
         )  # fmt: skip
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float | torch.Tensor]:
@@ -193,6 +192,7 @@ class FewShotExperiment(Experiment):
             "experiment": cfg["experiment"],
             "preset": cfg.get("preset"),
             "method": cfg["method"] + ("-fo" if cfg["first_order"] else ""),
+            "algorithm": algorithm_label(cfg),
             "metric": "accuracy",
             "lower_is_better": False,
             "tasks": cfg["eval_tasks"],

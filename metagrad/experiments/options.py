@@ -1,8 +1,23 @@
-"""Config values shared by the experiments, parsed into ``MAML`` arguments."""
+"""Config values shared by the experiments, parsed into ``MAML`` arguments (execution
+strategy, compile, and the algorithm family: what adapts, learned rates, update rule,
+multi-step loss)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..core import MAML, inner
 from ..errors import ConfigError
+
+_NORMS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 _VECTORIZE: dict[str, bool | str | None] = {
     "auto": None, "vmap": True, "true": True, "loop": False, "false": False, "support": "support",
@@ -25,3 +40,143 @@ def compile_option(value: str | bool) -> bool | None:
     if key not in _COMPILE:
         raise ConfigError(f"bad value {value!r} for compile: choose auto, true or false")
     return _COMPILE[key]
+
+
+# ------------------------------------------------------------------ the algorithm family
+ALGORITHMS = {"maml": "MAML", "fomaml": "FOMAML", "anil": "ANIL", "metasgd": "Meta-SGD"}
+LEARN_LR = {"none": None, "per-parameter": "per-parameter", "per-layer-per-step": "per-layer-per-step"}  # fmt: skip
+
+# the config keys of the family, shared by the supervised presets
+FAMILY: dict[str, Any] = {
+    "algorithm": "maml",  # maml | fomaml | anil | metasgd
+    "adapt": "all",  # all | head | no-norm (norm layers meta-learned only) | name prefixes "a,b"
+    "learn_lr": "none",  # none | per-parameter | per-layer-per-step
+    "step_weights": [],  # multi-step loss weights, one per inner step; []: the last step's loss
+    "inner_optimizer": "sgd",  # sgd | momentum | adam
+    "inner_momentum": 0.9,
+    "inner_betas": [0.9, 0.999],
+    "inner_eps": 1e-8,
+}
+
+
+def _weights(values: Any) -> list[float]:
+    try:
+        return [float(w) for w in values]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"bad value {values!r} for step_weights: expected numbers like [0.2, 0.8]"
+        ) from None
+
+
+def _bad(key: str, value: Any, choices: str) -> ConfigError:
+    return ConfigError(f"bad value {value!r} for {key}: choose {choices}")
+
+
+def last_layer(model: nn.Module) -> str:
+    """The name of the last module (in registration order) with parameters of its own."""
+    names = [n for n, m in model.named_modules() if n and list(m.parameters(recurse=False))]
+    return names[-1]
+
+
+def adapt_option(value: Any, model: nn.Module) -> Any:
+    """The ``adapt`` config value as ``MAML(adapt=...)``."""
+    if value == "all":
+        return None
+    if value == "head":
+        return [last_layer(model)]
+    if value == "no-norm":
+        norms = {n for n, m in model.named_modules() if isinstance(m, _NORMS)}
+        return lambda name: name.rsplit(".", 1)[0] not in norms
+    prefixes = value if isinstance(value, list) else str(value).split(",")
+    prefixes = [str(v).strip() for v in prefixes if str(v).strip()]
+    if not prefixes:
+        raise _bad(
+            "adapt", value, "all, head, no-norm or parameter name prefixes like 'head,features.3'"
+        )
+    return prefixes
+
+
+def inner_optimizer_option(cfg: Mapping[str, Any]) -> inner.UpdateRule:
+    kind = cfg.get("inner_optimizer", "sgd")
+    try:
+        if kind == "sgd":
+            return inner.SGD()
+        if kind == "momentum":
+            return inner.SGD(momentum=float(cfg["inner_momentum"]))
+        if kind == "adam":
+            b1, b2 = (float(b) for b in cfg["inner_betas"])
+            return inner.Adam(betas=(b1, b2), eps=float(cfg["inner_eps"]))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"bad inner optimizer settings: {e}") from None
+    raise _bad("inner_optimizer", kind, "sgd, momentum or adam")
+
+
+def family_options(cfg: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``MAML`` keyword arguments for the family keys of a config (see :data:`FAMILY`)."""
+    cfg = FAMILY | dict(cfg)
+    algorithm = cfg["algorithm"]
+    if algorithm not in ALGORITHMS:
+        raise _bad("algorithm", algorithm, ", ".join(ALGORITHMS))
+    if cfg["learn_lr"] not in LEARN_LR:
+        raise _bad("learn_lr", cfg["learn_lr"], ", ".join(LEARN_LR))
+    adapt, learn_lr = cfg["adapt"], LEARN_LR[cfg["learn_lr"]]
+    if algorithm == "anil":
+        if adapt not in ("all", "head"):
+            raise ConfigError(
+                f"algorithm=anil adapts the head only; adapt={adapt!r} contradicts it"
+            )
+        adapt = "head"
+    if algorithm == "metasgd":
+        if learn_lr not in (None, "per-parameter"):
+            raise ConfigError(f"algorithm=metasgd learns per-parameter rates; learn_lr={learn_lr!r} contradicts it")  # fmt: skip
+        learn_lr = "per-parameter"
+    weights = _weights(cfg["step_weights"])
+    if not weights:
+        weights_arg = None
+    elif len(weights) != cfg["inner_steps"]:
+        raise ConfigError(f"step_weights has {len(weights)} weights for inner_steps={cfg['inner_steps']}; give one per step")  # fmt: skip
+    else:
+        weights_arg = weights
+    return {
+        "first_order": bool(cfg["first_order"]) or algorithm == "fomaml",
+        "adapt": adapt_option(adapt, model),
+        "learn_lr": learn_lr,
+        "step_weights": weights_arg,
+        "inner_optimizer": inner_optimizer_option(cfg),
+    }
+
+
+def algorithm_label(cfg: Mapping[str, Any]) -> str:
+    """How result tables name a run's algorithm: ``MAML``, ``ANIL (first order)``,
+    ``MAML + LSLR + multi-step loss``, ..."""
+    cfg = FAMILY | dict(cfg)
+    label = ALGORITHMS.get(cfg["algorithm"], cfg["algorithm"])
+    extras = []
+    if cfg["learn_lr"] == "per-layer-per-step":
+        extras.append("LSLR")
+    elif cfg["learn_lr"] == "per-parameter" and cfg["algorithm"] != "metasgd":
+        extras.append("per-parameter lr")
+    if _weights(cfg["step_weights"]):
+        extras.append("multi-step loss")
+    if cfg["inner_optimizer"] != "sgd":
+        extras.append(f"inner {cfg['inner_optimizer']}")
+    if cfg["adapt"] not in ("all", "head") or (
+        cfg["adapt"] == "head" and cfg["algorithm"] != "anil"
+    ):
+        extras.append(f"adapt={cfg['adapt']}")
+    label = " + ".join([label, *extras])
+    if cfg.get("first_order") and cfg["algorithm"] != "fomaml":
+        label += " (first order)"
+    return label
+
+
+def build_learner(model: nn.Module, loss_fn: Any, cfg: Mapping[str, Any], **kwargs: Any) -> MAML:
+    """The ``MAML`` of a config: its inner-loop keys, the family keys, and ``kwargs``
+    (execution strategy, compile); a value the learner refuses is a ``ConfigError``."""
+    try:
+        return MAML(
+            model, loss_fn, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
+            **family_options(cfg, model), **kwargs,
+        )  # fmt: skip
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None

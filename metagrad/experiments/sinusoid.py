@@ -35,7 +35,7 @@ from ..models import MLP
 from ..tasks import SinusoidBatch, SinusoidTasks
 from .base import Batch, Experiment
 from .config import register_preset
-from .options import compile_option, vectorize_option
+from .options import FAMILY, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
 from .stats import summarize_curves
 
@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_seed": 20_170_000,
     "finetune_lrs": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
     "finetune_val_tasks": 200,
-}
+} | FAMILY
 
 register_preset(
     "sinusoid",
@@ -88,11 +88,9 @@ class SinusoidExperiment(Experiment):
     def build(self) -> MAML:
         cfg = self.cfg
         model = MLP(3 if cfg["method"] == "oracle" else 1, cfg["hidden"], 1)
-        return MAML(
-            model, _mse, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
-            first_order=cfg["first_order"], vectorize=self.vectorize,
-            compile=compile_option(cfg["compile"]),
-        )  # fmt: skip
+        return build_learner(
+            model, _mse, cfg, vectorize=self.vectorize, compile=compile_option(cfg["compile"])
+        )
 
     def inputs(self, x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor):
         """What the network sees of points ``x`` (``[tasks, points, 1]``) of the tasks with
@@ -158,6 +156,7 @@ class SinusoidExperiment(Experiment):
         return {
             "experiment": "sinusoid",
             "method": cfg["method"],
+            "algorithm": algorithm_label(cfg) if cfg["method"] == "maml" else cfg["method"],
             "metric": "mse",
             "lower_is_better": True,
             "tasks": cfg["eval_tasks"],

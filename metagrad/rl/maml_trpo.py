@@ -8,10 +8,11 @@ One meta-iteration on ``meta_batch`` tasks (:meth:`MAMLTRPO.step`):
    normalised per task (rllab's ``center_adv``: centre and scale); REINFORCE loss
    ``L_i(theta) = -mean_t(log pi_theta(a_t|s_t) A_t)`` over the task's valid steps; one
    (or ``inner_steps``) gradient step ``theta'_i = theta - alpha grad L_i(theta)``. All
-   tasks adapt at once: ``theta`` is expanded to ``[tasks, ...]`` and one
-   ``torch.autograd.grad`` of ``sum_i L_i`` gives every task's own gradient (task ``i``'s
-   loss only reads row ``i``), with ``create_graph=True`` for the second-order
-   meta-gradient; the per-task forward runs under ``torch.func.vmap``.
+   tasks adapt at once through the core's inner loop, :func:`metagrad.core.adapt` (one
+   step per inner batch, ``autograd=True``): ``theta`` is expanded to ``[tasks, ...]`` and
+   one ``torch.autograd.grad`` of ``sum_i L_i`` gives every task's own gradient (task
+   ``i``'s loss only reads row ``i``), with ``create_graph=True`` for the second-order
+   meta-gradient; the per-task forward is :func:`metagrad.core.batched_forward` (vmap).
 3. Sample post-update paths per task with its adapted policy (detached), through a
    :class:`~metagrad.rl.policy.TaskBatchedPolicy`: still one batched forward per step.
    With ``inner_steps > 1`` every inner step uses fresh paths of the policy adapted so
@@ -20,10 +21,11 @@ One meta-iteration on ``meta_batch`` tasks (:meth:`MAMLTRPO.step`):
    the adaptation from the candidate ``theta`` inside each closure, so the surrogate
    ``-mean_i mean_t(exp(log pi_theta'_i - log pi_old) A_post)`` and the constraint
    ``mean_i mean_t KL(pi_old || pi_theta'_i)`` on the post-update observations are
-   differentiated through the inner step. The step uses :mod:`metagrad.rl.trpo`: conjugate
-   gradient on the exact (double backward through the inner step) or finite-difference
-   KL Hessian-vector product, then the backtracking line search (whose candidates are
-   evaluated with one inner step and no second-order graph).
+   differentiated through the inner step. The step uses :mod:`metagrad.rl.trpo`:
+   conjugate gradient (:mod:`metagrad.core.linalg`) on the exact (double backward through
+   the inner step) or finite-difference KL Hessian-vector product, then the backtracking
+   line search (whose candidates are evaluated with one inner step and no second-order
+   graph).
 
 ``adapt=False`` (methods ``pretrain`` and ``oracle``) is plain TRPO on the task
 distribution: no inner step, the objective is on the pre-update paths.
@@ -41,9 +43,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ..core import MAML
+from .. import core
+from ..core import MAML, Hyper, Spec
 from .baseline import LinearFeatureBaseline
 from .policy import TaskBatchedPolicy, diag_gaussian_kl, diag_gaussian_log_prob
 from .returns import discounted_returns, gae_advantages, normalize_advantages
@@ -117,18 +119,13 @@ def _per_row(log_std: Tensor, mean: Tensor) -> Tensor:
     return log_std.unsqueeze(-2) if log_std.dim() == mean.dim() - 1 else log_std
 
 
-def batched_forward(
+def task_distributions(
     module: nn.Module, params: Params, buffers: Params, obs: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Per-task parameters ``[tasks, ...]`` on ``obs [tasks, N, obs_dim]`` (``vmap``).
-
-    Returns ``mean [tasks, N, act_dim]`` and ``log_std`` broadcastable against it.
-    """
-
-    def one(p: Params, o: Tensor) -> tuple[Tensor, Tensor]:
-        return functional_call(module, (p, buffers), (o,), strict=False)
-
-    mean, log_std = torch.vmap(one)(params, obs)
+    """Per-task parameters ``[tasks, ...]`` on ``obs [tasks, N, obs_dim]``
+    (:func:`metagrad.core.batched_forward`): ``mean [tasks, N, act_dim]`` and ``log_std``
+    broadcastable against it."""
+    mean, log_std = core.batched_forward(module, params, buffers, obs)
     return mean, _per_row(log_std, mean)
 
 
@@ -139,41 +136,41 @@ def expand_params(params: Params, tasks: int) -> Params:
 
 def reinforce_losses(module: nn.Module, params: Params, buffers: Params, batch: PGBatch) -> Tensor:
     """``-mean_t(log pi(a_t|s_t) A_t)`` of each task under its own parameters, ``[tasks]``."""
-    mean, log_std = batched_forward(module, params, buffers, batch.obs)
+    mean, log_std = task_distributions(module, params, buffers, batch.obs)
     logp = diag_gaussian_log_prob(batch.actions, mean, log_std)
     return -_task_mean(logp * batch.advantages, batch.mask)
 
 
-def adapt_step(
+_FIXED_RATES = Hyper({}, None)
+
+
+def policy_gradient_step(
     module: nn.Module,
     params: Params,
     buffers: Params,
     batch: PGBatch,
     lr: float,
     *,
-    second_order: bool = True,
+    first_order: bool = False,
 ) -> Params:
     """One policy-gradient step of every task's parameters ``[tasks, ...]`` on its paths.
 
-    With ``second_order`` (and grad mode on, and ``params`` in a graph) the inner
-    gradients are built with ``create_graph=True``, so the result is differentiable with
-    respect to the meta-parameters through them; otherwise the gradients are constants
-    (first-order MAML, or plain evaluation).
+    One :func:`metagrad.core.adapt` step (``autograd=True``) on ``sum_i L_i``: task ``i``'s
+    REINFORCE loss reads only row ``i``, so row ``i`` of the gradient is its own. Second
+    order (unless ``first_order``) when grad mode is on and ``params`` are in a graph: the
+    result is then differentiable with respect to the meta-parameters through the inner
+    gradients; otherwise they are constants (first-order MAML, or plain evaluation).
     """
-    create = (
-        second_order and torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
-    )
-    with torch.enable_grad():
-        inputs = (
-            params if create else {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        )
-        loss = reinforce_losses(module, inputs, buffers, batch).sum()
-        grads = torch.autograd.grad(
-            loss, list(inputs.values()), create_graph=create, allow_unused=True
-        )
-    return {
-        k: p if g is None else p - lr * g for (k, p), g in zip(params.items(), grads, strict=True)
-    }
+
+    def loss(p: Params) -> Tensor:
+        return reinforce_losses(module, p, buffers, batch).sum()
+
+    # nothing in a graph: no meta-gradient to carry, so no second-order graph either
+    first_order = first_order or not any(v.requires_grad for v in params.values())
+    spec = Spec(adapts=tuple(params), steps=1, lr=lr, first_order=first_order)
+    out = core.adapt(loss, params, spec, _FIXED_RATES, autograd=True)
+    assert isinstance(out, dict)
+    return out
 
 
 def adapt(
@@ -183,16 +180,20 @@ def adapt(
     batches: Sequence[PGBatch],
     lrs: Sequence[float],
     *,
-    second_order: bool = True,
+    first_order: bool = False,
 ) -> Params:
-    """``theta`` (unbatched) adapted per task with step ``j`` on ``batches[j]`` (lr ``lrs[j]``)."""
+    """``theta`` (unbatched) adapted per task with step ``j`` on ``batches[j]`` (lr ``lrs[j]``).
+
+    Every inner step has fresh paths and its own step size, so each is its own one-step
+    :func:`policy_gradient_step`.
+    """
     if len(batches) != len(lrs):
         raise ValueError(f"{len(batches)} batches for {len(lrs)} step sizes")
     if not batches:
         raise ValueError("adapt needs at least one batch (it fixes the number of tasks)")
     fast = expand_params(params, batches[0].num_tasks)
     for batch, lr in zip(batches, lrs, strict=True):
-        fast = adapt_step(module, fast, buffers, batch, lr, second_order=second_order)
+        fast = policy_gradient_step(module, fast, buffers, batch, lr, first_order=first_order)
     return fast
 
 
@@ -237,13 +238,15 @@ class MetaObjective:
         params = dict(zip(self.names, theta, strict=True))
         if not self.inner:
             return expand_params(params, self.post.num_tasks)
-        second = graph and not self.first_order
-        return adapt(self.module, params, self.buffers, self.inner, self.lrs, second_order=second)
+        first_order = self.first_order or not graph
+        return adapt(
+            self.module, params, self.buffers, self.inner, self.lrs, first_order=first_order
+        )
 
     def distribution(self, theta: Sequence[Tensor], graph: bool = True) -> tuple[Tensor, Tensor]:
         """Post-update ``(mean, log_std)`` on the objective's observations."""
         fast = self.adapted(theta, graph)
-        return batched_forward(self.module, fast, self.buffers, self.post.obs)
+        return task_distributions(self.module, fast, self.buffers, self.post.obs)
 
     def _surrogate(self, mean: Tensor, log_std: Tensor) -> Tensor:
         logp = diag_gaussian_log_prob(self.post.actions, mean, log_std)
@@ -419,7 +422,9 @@ class MAMLTRPO:
             curve.append(batch.returns)
             if j < len(lrs):
                 with torch.no_grad():
-                    fast = adapt_step(policy, fast, buffers, batch, lrs[j], second_order=False)
+                    fast = policy_gradient_step(
+                        policy, fast, buffers, batch, lrs[j], first_order=True
+                    )
         return torch.stack(curve, dim=1)
 
 

@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+
+from ..core import batched_forward, forward
 
 PolicyFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """An ``obs [N, obs_dim] -> (mean [N, act_dim], log_std [act_dim] or [N, act_dim])`` map."""
@@ -79,7 +80,7 @@ class FunctionalPolicy:
         self.buffers = buffers if buffers is not None else dict(module.named_buffers())
 
     def __call__(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        return functional_call(self.module, (self.params, self.buffers), (obs,), strict=False)
+        return forward(self.module, self.params, self.buffers, obs)  # type: ignore[return-value]
 
     def detached(self) -> FunctionalPolicy:
         return FunctionalPolicy(
@@ -94,8 +95,9 @@ class TaskBatchedPolicy:
 
     ``params`` hold a leading task dimension (``[tasks, *shape]``). A call scatters the
     rows into a padded ``[tasks, rows_per_task, obs_dim]`` batch, runs the module on all
-    tasks at once with ``torch.func.vmap`` and gathers the rows back, so rollouts with a
-    different (e.g. adapted) policy per task still cost one batched forward per time step.
+    tasks at once (:func:`metagrad.core.batched_forward`, ``vmap``) and gathers the rows
+    back, so rollouts with a different (e.g. adapted) policy per task still cost one
+    batched forward per time step.
     The sampler recognises it by ``per_task = True``.
     """
 
@@ -112,12 +114,9 @@ class TaskBatchedPolicy:
             raise ValueError(f"parameters disagree on the number of tasks: {sorted(sizes)}")
         self.num_tasks = sizes.pop()
 
-    def _one(self, p: dict[str, Tensor], obs: Tensor) -> tuple[Tensor, Tensor]:
-        return functional_call(self.module, (p, self.buffers), (obs,), strict=False)
-
     def forward_tasks(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """``obs [tasks, N, obs_dim]`` -> mean ``[tasks, N, act_dim]``, log_std ``[tasks, ...]``."""
-        return torch.vmap(self._one)(self.params, obs)
+        return batched_forward(self.module, self.params, self.buffers, obs)  # type: ignore[return-value]
 
     def __call__(self, obs: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor]:
         task_ids = task_ids.long()
