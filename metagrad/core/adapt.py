@@ -158,3 +158,25 @@ def task_loss(
     if hyper.weights is not None and len(adapted) != hyper.weights.shape[0]:
         hyper = Hyper(hyper.rates, None)  # a different step count: the last step's loss
     return outer_loss(model, loss_fn, buffers, adapted, qx, qy, hyper, channels_last=channels_last)
+
+
+def curve(
+    model: nn.Module,
+    loss_fn: LossFn,
+    spec: Spec,
+    hyper: Hyper,
+    params: Params,
+    buffers: Params,
+    task: tuple[Tensor, Tensor, Tensor, Tensor],
+    metrics: list[Callable[[Tensor, Tensor], Tensor]],
+    lr: float | None = None,
+) -> Tensor:
+    """Metrics on one task's query set after 0..``spec.steps`` steps: ``[metrics, steps+1]``."""
+    sx, sy, qx, qy = task
+    trail = adapt(support_loss(model, loss_fn, buffers, sx, sy), params, spec, hyper, lr=lr, every_step=True)  # fmt: skip
+    assert isinstance(trail, list)
+    rows = []
+    for p in [params, *trail]:
+        out = forward(model, p, buffers, qx)
+        rows.append(torch.stack([m(out, qy) for m in metrics]))
+    return torch.stack(rows, dim=-1)

@@ -9,19 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from . import executors
-from .adapt import Adapted, adapt, support_loss
+from . import spec as specs
+from .adapt import Adapted, adapt, curve, support_loss
 from .compiled import Compiled
-from .executors import Problem, check_batch
-from .functional import LossFn, forward
+from .executors import Data, Problem, check_batch
+from .functional import LossFn
 from .inner import SGD, UpdateRule
-from .spec import AdaptArg, Hyper, Spec, check_learn_lr, initial_rates, select, step_weights_tensor
-from .strategy import Verdict, channels_last_query, choose, static_blocker
-
-Batch = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def _key(name: str) -> str:  # nn.ParameterDict keys may not hold dots
-    return name.replace(".", "/")
+from .spec import AdaptArg, Hyper, Spec
+from .strategy import Verdict, channels_last_query, check_compile, choose
 
 
 class MAML(nn.Module):
@@ -59,31 +54,19 @@ class MAML(nn.Module):
         compile: bool | None = False, channels_last: bool | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        if vectorize not in (None, True, False, "support"):
-            raise ValueError(f"vectorize must be None, True, False or 'support', got {vectorize!r}")
-        if inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-        if inner_lr <= 0:
-            raise ValueError(f"inner_lr must be > 0, got {inner_lr}")
-        if inner_optimizer is not None and not isinstance(inner_optimizer, UpdateRule):
-            raise TypeError(f"inner_optimizer must be mg.inner.SGD or mg.inner.Adam, got {inner_optimizer!r}")  # fmt: skip
+        specs.check_arguments(inner_lr, inner_steps, inner_optimizer, vectorize)
+        check_compile(model, compile)
         self.model, self.loss_fn = model, loss_fn
         self.inner_lr, self.inner_steps, self.first_order = float(inner_lr), int(inner_steps), bool(first_order)  # fmt: skip
-        self.learn_lr = check_learn_lr(learn_lr)
+        self.learn_lr = specs.check_learn_lr(learn_lr)
         self.inner_optimizer = inner_optimizer or SGD()
         self.vectorize, self.channels_last = vectorize, channels_last
-        blocker = static_blocker(model)
-        if compile and blocker is not None:
-            raise ValueError(
-                "compile=True needs a model that runs under torch.func transforms without "
-                f"in-place buffer updates, and this one does not: {blocker}"
-            )
         self.register_buffer("_weights", None, persistent=False)
         params = dict(model.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
-        self.adapts = select(params, adapt, trainable)
-        rates = initial_rates(self.spec(), params)
-        self.lrs = nn.ParameterDict({_key(n): nn.Parameter(r) for n, r in rates.items()})
+        self.adapts = specs.select(params, adapt, trainable)
+        rates = specs.initial_rates(self.spec(), params)
+        self.lrs = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(r) for n, r in rates.items()})  # fmt: skip
         self.step_weights = step_weights
         self._verdicts: dict[tuple, Verdict] = {}
         self._compiled = Compiled(compile)
@@ -94,10 +77,9 @@ class MAML(nn.Module):
 
     @step_weights.setter
     def step_weights(self, weights: Sequence[float] | Tensor | None) -> None:
-        if weights is not None:
-            like = next(iter(self.model.parameters()), torch.empty(0))
-            weights = step_weights_tensor(weights, self.inner_steps).to(like.device, like.dtype)
-        self._weights = weights
+        like = next(iter(self.model.parameters()), torch.empty(0))
+        w = None if weights is None else specs.step_weights_tensor(weights, self.inner_steps)
+        self._weights = None if w is None else w.to(like.device, like.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -112,7 +94,7 @@ class MAML(nn.Module):
 
     def learned_lrs(self) -> dict[str, nn.Parameter]:
         """``{parameter name: its learned rate}`` (empty with a fixed ``inner_lr``)."""
-        return {n: self.lrs[_key(n)] for n in self.adapts if _key(n) in self.lrs}
+        return {k.replace("/", "."): r for k, r in self.lrs.items()}  # keys: "." as "/"
 
     def hyper(self) -> Hyper:
         return Hyper(dict(self.learned_lrs()), self._weights)
@@ -120,7 +102,7 @@ class MAML(nn.Module):
     def problem(self, steps: int | None = None, first_order: bool | None = None) -> Problem:
         return Problem(self.model, self.loss_fn, self.spec(steps, first_order), dict(self.model.named_buffers()))  # fmt: skip
 
-    def strategy(self, data: Batch, *, steps: int, first_order: bool) -> Verdict:
+    def strategy(self, data: Data, *, steps: int, first_order: bool) -> Verdict:
         """Which executor runs this batch and why (decided once per setting, then cached)."""
         device = data[0].device
         key = (device.type, data[0].dtype, steps, first_order, self.model.training, self._weights is None)  # fmt: skip
@@ -204,23 +186,14 @@ class MAML(nn.Module):
         vmapped = self.strategy(data, steps=1, first_order=True).vectorize is True
         params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
         spec, hyper, names = self.spec(steps, True), self.hyper(), list(metrics)
+        params = {k: v.detach() for k, v in params.items()}
+        fns = [metrics[n] for n in names]
 
         def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-            p = {k: v.detach() for k, v in params.items()}
-            trail = adapt(support_loss(self.model, self.loss_fn, buffers, sx, sy), p, spec, hyper,
-                          lr=lr, every_step=True)  # fmt: skip
-            assert isinstance(trail, list)
-            rows = []
-            for q in [p, *trail]:
-                out = forward(self.model, q, buffers, qx)
-                rows.append(torch.stack([metrics[n](out, qy) for n in names]))
-            return torch.stack(rows, dim=-1)  # [metrics, steps+1]
+            return curve(self.model, self.loss_fn, spec, hyper, params, buffers, (sx, sy, qx, qy), fns, lr)  # fmt: skip
 
         if vmapped:
             curves = torch.vmap(one, randomness="different")(*data)
         else:
             curves = torch.stack([one(*t) for t in executors.tasks(data)])
         return {n: curves[:, i] for i, n in enumerate(names)}
-
-    def extra_repr(self) -> str:
-        return f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, learn_lr={self.learn_lr}, adapts={len(self.adapts)} tensors"  # fmt: skip

@@ -94,6 +94,18 @@ def select(names: Iterable[str], adapt: AdaptArg, trainable: set[str]) -> tuple[
     return tuple(chosen)
 
 
+def check_arguments(inner_lr: float, inner_steps: int, rule: object, vectorize: object) -> None:
+    """One clear error for each bad learner argument."""
+    if vectorize not in (None, True, False, "support"):
+        raise ValueError(f"vectorize must be None, True, False or 'support', got {vectorize!r}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    if inner_lr <= 0:
+        raise ValueError(f"inner_lr must be > 0, got {inner_lr}")
+    if rule is not None and not isinstance(rule, UpdateRule):
+        raise TypeError(f"inner_optimizer must be mg.inner.SGD or mg.inner.Adam, got {rule!r}")
+
+
 def check_learn_lr(learn_lr: str | None) -> str | None:
     if learn_lr not in LEARN_LR:
         raise ValueError(

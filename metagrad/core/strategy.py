@@ -72,6 +72,15 @@ def static_blocker(model: nn.Module) -> str | None:
     return None
 
 
+def check_compile(model: nn.Module, compile: bool | None) -> None:
+    blocker = static_blocker(model)
+    if compile and blocker is not None:
+        raise ValueError(
+            "compile=True needs a model that runs under torch.func transforms without "
+            f"in-place buffer updates, and this one does not: {blocker}"
+        )
+
+
 def cheap_under_vmap(model: nn.Module, device: torch.device) -> bool:
     """Whether batching the tasks is expected to be faster than a loop."""
     if device.type != "cpu":
