@@ -1,4 +1,5 @@
 # Two entry points for a new user: `make demo` and `make test`. Both create .venv if missing.
+# `make test` = ruff + mypy (metagrad/core) + pytest; `make test-fast` skips the slow end-to-end tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ BENCH_VENV := .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-fast typecheck lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +27,15 @@ format: $(STAMP)
 	$(BIN)/ruff format metagrad tests benchmarks
 	$(BIN)/ruff check --fix metagrad tests benchmarks
 
-test: lint
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/pytest
+
+# the unit tests alone (under a minute): everything not marked slow
+test-fast: lint typecheck
+	$(BIN)/pytest -m "not slow"
 
 # Peers (higher, TorchOpt) live in their own venv; torch stays pinned by the constraints file.
 $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt benchmarks/constraints.txt

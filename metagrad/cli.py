@@ -194,7 +194,9 @@ def _train(args: argparse.Namespace, device: torch.device, world) -> int:
 
     def setup() -> tuple[dict, str, bool]:  # rank 0 checks and writes the run directory
         cfg, out, resuming = _prepare_run(args)
-        D.check_parallel(experiment_for(cfg, device), world.size)
+        exp = experiment_for(cfg, device)
+        D.check_parallel(exp, world.size)
+        exp.build()  # a value the learner refuses fails here, before anything is written
         run = Run(out)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_config(cfg)

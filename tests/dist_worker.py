@@ -74,6 +74,9 @@ def experiment(case: str, rank: int = 0) -> Experiment:
             "log_every": 1, "queries": 1,  # the synthetic data has 4 images per class
         }  # fmt: skip
         return SyntheticOmniglot(cfg, CPU)
+    if case == "metasgd":  # learned rates are parameters: reduced and broadcast like weights
+        cfg = sinusoid_cfg(iterations=3, meta_batch=5, algorithm="metasgd")
+        return SinusoidExperiment(cfg, CPU)
     if case == "seeds":  # each rank its own seed: only the start-up broadcast makes them agree
         return SinusoidExperiment(sinusoid_cfg(iterations=2, meta_batch=4, seed=rank), CPU)
     if case == "timelimit":  # the ranks must agree on the iteration the time runs out

@@ -88,7 +88,7 @@ def load(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------- exactness
 def test_two_ranks_match_one_process(tmp_path, one_thread):
-    cases = ["sinusoid", "conv", "seeds", "timelimit"]
+    cases = ["sinusoid", "conv", "seeds", "timelimit", "metasgd"]
     for case in cases:
         (tmp_path / case).mkdir()
     code = D.launch(
@@ -107,6 +107,9 @@ def test_two_ranks_match_one_process(tmp_path, one_thread):
         single = fresh_run(tmp_path / f"{case}-single")
         maml = train(worker.experiment(case), single, progress=False)
         assert_params_close(ranks[0], maml.state_dict())
+        if case == "metasgd":  # the learned rates trained, identically on both ranks
+            lrs = [k for k in ranks[0] if k.startswith("lrs.")]
+            assert lrs and any(not torch.all(ranks[0][k] == 0.01) for k in lrs)
         # rank 0 logged the metrics of the whole meta-batch, as one process does
         multi = [r["loss"] for r in Run(tmp_path / case).metrics()]
         torch.testing.assert_close(

@@ -116,7 +116,8 @@ def outer_loss(
     entry alone without multi-step weights), and the last step's predictions."""
     if hyper.weights is None:
         adapted = adapted[-1:]
-    total, out = None, None
+    total: Tensor | None = None
+    out: Tensor | None = None
     for i, p in enumerate(adapted):
         x = qx
         if channels_last:

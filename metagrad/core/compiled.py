@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,7 +72,7 @@ class Compiled:
 
             # on CPU a C++ wrapper around the kernels saves the Python call overhead that
             # dominates small models (~15% of a sinusoid meta-iteration)
-            options = {"cpp_wrapper": True} if key[3] == "cpu" else None
+            options: dict[str, Any] | None = {"cpp_wrapper": True} if key[3] == "cpu" else None
             fn = torch.func.grad(loss, argnums=(0, 1), has_aux=True)
             self._fns[key] = torch.compile(fn, dynamic=False, options=options)
         return self._fns[key]

@@ -72,7 +72,7 @@ def check_batch(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> None:
 
 def tasks(data: Data) -> Iterator[Data]:
     """The one task iterator: ``(sx, sy, qx, qy)`` of each task, without the task dimension."""
-    return zip(*data, strict=True)  # type: ignore[return-value]
+    return zip(*data, strict=True)
 
 
 def _collect(losses: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from .compiled import Compiled
 from .executors import Data, Problem, check_batch
 from .functional import LossFn
 from .inner import SGD, UpdateRule
-from .spec import AdaptArg, Hyper, Spec
+from .spec import AdaptArg, Hyper, Params, Spec
 from .strategy import Verdict, channels_last_query, check_compile, choose
 
 
@@ -62,12 +62,12 @@ class MAML(nn.Module):
         self.inner_optimizer = inner_optimizer or SGD()
         self.vectorize, self.channels_last = vectorize, channels_last
         self.register_buffer("_weights", None, persistent=False)
-        params = dict(model.named_parameters())
+        params: Params = dict(model.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
         self.adapts = specs.select(params, adapt, trainable)
         rates = specs.initial_rates(self.spec(), params)
         self.lrs = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(r) for n, r in rates.items()})  # fmt: skip
-        self.step_weights = step_weights
+        self.step_weights = step_weights  # type: ignore[assignment]  # the setter takes a sequence
         self._verdicts: dict[tuple, Verdict] = {}
         self._compiled = Compiled(compile)
 
@@ -79,7 +79,10 @@ class MAML(nn.Module):
     def step_weights(self, weights: Sequence[float] | Tensor | None) -> None:
         like = next(iter(self.model.parameters()), torch.empty(0))
         w = None if weights is None else specs.step_weights_tensor(weights, self.inner_steps)
-        self._weights = None if w is None else w.to(like.device, like.dtype)
+        self._weights: Tensor | None = None if w is None else w.to(like.device, like.dtype)
+
+    def _params(self) -> Params:
+        return {n: p for n, p in self.model.named_parameters()}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -124,7 +127,7 @@ class MAML(nn.Module):
         verdict = self.strategy(
             data, steps=problem.spec.steps, first_order=problem.spec.first_order
         )
-        params = dict(self.model.named_parameters())
+        params = self._params()
         return executors.run(problem, params, self.hyper(), data, verdict.vectorize,
                              channels_last=self._channels_last(query_x))  # fmt: skip
 
@@ -146,7 +149,7 @@ class MAML(nn.Module):
             raise RuntimeError("meta_backward needs grad mode; it was called under torch.no_grad()")
         data = (support_x, support_y, query_x, query_y)
         problem, hyper = self.problem(), self.hyper()
-        params = dict(self.model.named_parameters())
+        params = self._params()
         if not any(p.requires_grad for p in self.parameters()):
             raise RuntimeError("meta_backward: no parameter of the model requires grad")
         strategy = self.strategy(
@@ -170,7 +173,7 @@ class MAML(nn.Module):
         """Adapt to one task (no task dimension); returns a callable adapted model whose
         parameters are differentiable w.r.t. the meta-parameters unless first order."""
         buffers = dict(self.model.named_buffers())
-        fast = adapt(support_loss(self.model, self.loss_fn, buffers, x, y), dict(self.model.named_parameters()),
+        fast = adapt(support_loss(self.model, self.loss_fn, buffers, x, y), self._params(),
                      self.spec(steps, first_order), self.hyper(), lr=lr)  # fmt: skip
         assert isinstance(fast, dict)
         return Adapted(self.model, fast, buffers)
@@ -184,7 +187,7 @@ class MAML(nn.Module):
         check_batch(support_x, support_y, query_x, query_y)
         data = (support_x, support_y, query_x, query_y)
         vmapped = self.strategy(data, steps=1, first_order=True).vectorize is True
-        params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        params, buffers = self._params(), dict(self.model.named_buffers())
         spec, hyper, names = self.spec(steps, True), self.hyper(), list(metrics)
         params = {k: v.detach() for k, v in params.items()}
         fns = [metrics[n] for n in names]

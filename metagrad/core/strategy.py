@@ -50,7 +50,8 @@ class Verdict:
 
     @property
     def name(self) -> str:
-        return {True: "vmap", False: "per-task loop"}.get(self.vectorize, "vmap support sets")
+        names = {"True": "vmap", "False": "per-task loop", "support": "vmap support sets"}
+        return names[str(self.vectorize)]
 
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
@@ -148,7 +149,7 @@ def _double(problem: Problem, hyper: Hyper) -> tuple[Problem, Params, Params, Hy
     """A float64 copy of the problem: its model's parameters (trainable ones as leaves that
     require grad) and learned rates, detached from the originals."""
     model = copy.deepcopy(problem.model).double()
-    params = dict(model.named_parameters())
+    params: Params = {n: p for n, p in model.named_parameters()}
     buffers = {k: _as_double(b) for k, b in model.named_buffers()}
     rates = {k: r.detach().double().requires_grad_(r.requires_grad) for k, r in hyper.rates.items()}
     weights = None if hyper.weights is None else hyper.weights.detach().double()

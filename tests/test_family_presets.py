@@ -1,0 +1,96 @@
+"""The algorithm family through the presets and the CLI: ``--set algorithm=...`` and the
+family keys reach the learner, runs save and reload learned rates, tables name the
+algorithm, and bad values are one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_fewshot import QUICK, private_cache  # noqa: F401  (fixture: a private data cache)
+from test_sinusoid_cli import SMALL, assert_one_line_error, cli
+
+import metagrad as mg
+from metagrad.errors import ConfigError
+from metagrad.experiments.config import apply_overrides, preset
+from metagrad.experiments.registry import experiment_for
+
+
+def built(name: str, *sets: str) -> mg.MAML:
+    return experiment_for(apply_overrides(preset(name), list(sets))).build()
+
+
+@pytest.mark.parametrize("name", ["sinusoid", "omniglot-5w1s"])
+def test_algorithm_keys_reach_the_learner(name):
+    maml = built(name)
+    assert maml.learn_lr is None and not maml.first_order and maml.step_weights is None
+    assert set(maml.adapts) == {n for n, _ in maml.model.named_parameters()}
+    assert built(name, "algorithm=fomaml").first_order
+    anil = built(name, "algorithm=anil")
+    last = [n for n, _ in anil.model.named_parameters()][-2:]  # the last layer's weight, bias
+    assert list(anil.adapts) == last
+    metasgd = built(name, "algorithm=metasgd")
+    assert metasgd.learn_lr == "per-parameter" and len(metasgd.learned_lrs()) == len(metasgd.adapts)
+    steps = preset(name)["inner_steps"]
+    weights = ",".join(["0.5"] * steps)
+    lslr = built(name, "learn_lr=per-layer-per-step", f"step_weights={weights}")
+    assert all(r.shape == (steps,) for r in lslr.learned_lrs().values())
+    assert lslr.step_weights is not None and lslr.step_weights.tolist() == [0.5] * steps
+    adam = built(name, "inner_optimizer=adam", "inner_betas=0.8,0.9", "inner_eps=1e-6")
+    assert adam.inner_optimizer == mg.inner.Adam(betas=(0.8, 0.9), eps=1e-6)
+    mom = built(name, "inner_optimizer=momentum", "inner_momentum=0.5")
+    assert mom.inner_optimizer == mg.inner.SGD(momentum=0.5)
+
+
+def test_no_norm_adapts_everything_but_the_norm_layers():
+    maml = built("omniglot-5w1s", "adapt=no-norm")
+    names = [n for n, _ in maml.model.named_parameters()]
+    # conv4 blocks features.<block>.<layer>: conv (0), BatchNorm (1), ReLU (2)
+    norms = {n for n in names if n.startswith("features.") and n.split(".")[2] == "1"}
+    assert norms and set(maml.adapts) == set(names) - norms
+    assert list(built("omniglot-5w1s", "adapt=head").adapts) == ["head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (
+            ["algorithm=reptilian"],
+            "bad value 'reptilian' for algorithm: choose maml, fomaml, anil, metasgd",
+        ),  # fmt: skip
+        (["learn_lr=sometimes"], "bad value 'sometimes' for learn_lr"),
+        (["step_weights=1,2,3"], "step_weights has 3 weights for inner_steps=1"),
+        (["step_weights=a"], "bad value .* for step_weights"),
+        (["adapt=nothing"], "selects no parameter of the model"),
+        (["inner_optimizer=rmsprop"], "bad value 'rmsprop' for inner_optimizer"),
+        (["inner_optimizer=momentum", "inner_momentum=1.5"], "momentum must be in"),
+        (["algorithm=anil", "adapt=no-norm"], "algorithm=anil adapts the head only"),
+        (
+            ["algorithm=metasgd", "learn_lr=per-layer-per-step"],
+            "algorithm=metasgd learns per-parameter",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_family_values_are_config_errors(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        built("sinusoid", *sets)
+
+
+def test_metasgd_run_saves_and_reloads_learned_rates(tmp_path):
+    """A Meta-SGD sinusoid run through the CLI: the learned rates train, are saved, come
+    back with mg.load_run, and the eval table names the algorithm."""
+    out = tmp_path / "metasgd"
+    cli("train", "sinusoid", "--out", str(out), "--set", "iterations=200",
+        "--set", "algorithm=metasgd", "--quiet", *SMALL)  # fmt: skip
+    maml = mg.load_run(str(out))
+    assert isinstance(maml, mg.MAML) and maml.learn_lr == "per-parameter"
+    lrs = maml.learned_lrs()
+    assert lrs and any(not torch.all(r == 0.01) for r in lrs.values())  # they trained
+    result = json.loads((out / "eval.json").read_text())
+    assert result["algorithm"] == "Meta-SGD"
+    table = cli("eval", str(out)).stdout
+    assert "Meta-SGD" in table
+    bad = cli("train", "sinusoid", "--out", str(tmp_path / "bad"), "--set", "learn_lr=often",
+              check=False)  # fmt: skip
+    assert_one_line_error(bad, "learn_lr")
