@@ -59,7 +59,10 @@ def reference(model, loss_fn, data, *, steps, first_order, adapts, rate, rule, w
 
 def grads_of(loss, tensors):
     gs = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
-    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(tensors.items(), gs, strict=True)}
+    return {
+        k: torch.zeros_like(t) if g is None else g
+        for (k, t), g in zip(tensors.items(), gs, strict=True)
+    }
 
 
 def _algorithm(option, model, loss_fn, steps, first_order, vectorize):
@@ -166,7 +169,9 @@ def test_adapt_and_adaptation_curve_use_learned_rates_and_the_rule():
         for k in range(3):
             with torch.enable_grad():
                 q = {n: v.clone().requires_grad_() for n, v in p.items()}
-                gs = torch.autograd.grad(loss_fn(functional_call(model, q, (sx,)), sy), list(q.values()))
+                gs = torch.autograd.grad(
+                    loss_fn(functional_call(model, q, (sx,)), sy), list(q.values())
+                )
             lr = [0.02, 0.05, 0.1][k]
             for (n, v), g in zip(p.items(), gs, strict=True):
                 buf[n] = g if k == 0 else 0.5 * buf[n] + g
@@ -232,8 +237,16 @@ def test_forced_batching_that_cannot_be_exact_is_refused_for_the_family():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"learn_lr": "per-step"}, ValueError, "learn_lr must be None, 'per-parameter' or 'per-layer-per-step'"),  # fmt: skip
-        ({"inner_steps": 2, "step_weights": [1.0]}, ValueError, "step_weights has 1 weights for inner_steps=2"),  # fmt: skip
+        (
+            {"learn_lr": "per-step"},
+            ValueError,
+            "learn_lr must be None, 'per-parameter' or 'per-layer-per-step'",
+        ),  # fmt: skip
+        (
+            {"inner_steps": 2, "step_weights": [1.0]},
+            ValueError,
+            "step_weights has 1 weights for inner_steps=2",
+        ),  # fmt: skip
         ({"step_weights": [math.nan]}, ValueError, "step_weights must be finite"),
         ({"adapt": ["nothing"]}, ValueError, "selects no parameter of the model"),
         ({"adapt": lambda n: False}, ValueError, "the adapt predicate selects no parameter"),
