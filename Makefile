@@ -46,7 +46,9 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt benchmarks/constraint
 	$(BENCH_VENV)/bin/pip install -q -c benchmarks/constraints.txt -r benchmarks/requirements.txt
 	touch $(BENCH_STAMP)
 
-# All configs, second order, sizes that take about 10 minutes on 2 cores.
+# All configs, second order, sizes that take about 10 minutes on 2 cores (MAML).
+# The family, one algorithm per run: make bench BENCH_ARGS="--algorithm metasgd"
+# (metasgd | anil | maml-adam; e.g. BENCH_ARGS="--config sinusoid --algorithm anil --rounds 4").
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/bench_maml.py --config all $(BENCH_ARGS)
 

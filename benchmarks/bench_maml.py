@@ -1,8 +1,16 @@
 """Time one MAML meta-iteration (meta-loss, backward, Adam step) with metagrad and its peers.
 
 Run: ``python benchmarks/bench_maml.py --config sinusoid|omniglot-5w1s|omniglot-20w1s|mini-5w1s|all
-[--iters N] [--rounds R] [--first-order] [--device cpu|cuda] [--threads T] [--libs a,b]``
-(``make bench`` runs all configs in ``.bench-venv``, where the peers are installed).
+[--algorithm maml|metasgd|anil|maml-adam] [--iters N] [--rounds R] [--first-order]
+[--device cpu|cuda] [--threads T] [--libs a,b]`` (``make bench`` runs all configs in
+``.bench-venv``, where the peers are installed).
+
+``--algorithm`` (default ``maml``) picks the family member, each written with every library
+that can express it (``maml_libs.LIBS_BY_ALGORITHM``): ``metasgd`` (learned per-parameter
+inner rates: the check covers the meta-gradient of the weights and of the rates), ``anil``
+(only the head adapts) and ``maml-adam`` (inner Adam; a peer that fails the check is compared
+with known variants of the Adam formula, ``maml_libs.VARIANTS``, and the report names the one
+it matches). The outer optimizer updates the learned rates too.
 
 For each config every library gets the same initial weights (one seeded model, deep-copied)
 and the same pre-sampled task batches (random images: only the time matters). First each
@@ -10,7 +18,8 @@ library's meta-gradient on the first batch is checked against metagrad's in floa
 libraries run round-robin, each round in a fresh subprocess per library (``--warmup``
 untimed iterations, then ``--iters`` timed ones), so that the peak RSS (VmHWM) of each is
 its own. Missing peers are skipped with a note. Results: a markdown table on stdout and in
-``benchmarks/results/<date>-<config>[-fo].md`` plus the raw numbers as JSON.
+``benchmarks/results/<date>-<config>[-<algorithm>][-fo].md`` (no algorithm for MAML) plus the
+raw numbers as JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +40,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from maml_libs import LIBS, Batch, LossFn, Metagrad, missing
+from maml_libs import (
+    ALGORITHMS,
+    B1,
+    B2,
+    EPS,
+    LIBS_BY_ALGORITHM,
+    VARIANT_LEGEND,
+    VARIANTS,
+    Batch,
+    LossFn,
+    Metagrad,
+    head_name,
+    meta_parameters,
+    missing,
+)
 from torch import Tensor, nn
 
 from metagrad.models import MLP, miniimagenet_conv4, omniglot_conv4
@@ -62,6 +85,14 @@ CONFIGS = {
 }
 PEERS = ("higher", "torchopt", "learn2learn")
 POOL = 3  # distinct pre-sampled batches, cycled
+# inner Adam's step size at most: its steps are ~lr per entry whatever the gradient, so the
+# configs' SGD rates (0.4 for Omniglot) would throw the weights far off
+ADAM_LR = 0.01
+
+
+def inner_lr(cfg: Config, algorithm: str) -> float:
+    """The inner step size (Meta-SGD: the learned rates' start value)."""
+    return min(cfg.lr, ADAM_LR) if algorithm == "maml-adam" else cfg.lr
 
 
 def build(
@@ -96,47 +127,137 @@ def build(
 
 
 # ---------------------------------------------------------------- gradient check
+Grads = tuple[list[Tensor], list[Tensor]]  # (the model's parameters', the learned rates')
+
+
+def _meta_grads(
+    factory: object, base: nn.Module, loss_fn: LossFn, lr: float, cfg: Config, first_order: bool,
+    batch: Batch,
+) -> tuple[object, Grads | str]:  # fmt: skip
+    """Run one library's step on a copy of ``base``: ``(step, grads)``, or ``(step, why)``
+    when some meta-gradient is missing."""
+    model = copy.deepcopy(base)
+    step = factory(model, loss_fn, lr, cfg.steps, first_order)  # type: ignore[operator]
+    step(batch)
+    rates = list(getattr(step, "rates", []))
+    weights = [p.grad for p in model.parameters()]
+    if any(g is None for g in weights):
+        return step, "no meta-gradient for some parameters"
+    if any(r.grad is None for r in rates):
+        return step, "no meta-gradient for some learned rates"
+    return step, (
+        [g for g in weights if g is not None],
+        [r.grad for r in rates if r.grad is not None],
+    )
+
+
+def compare(ref: Grads, got: Grads) -> tuple[bool, str]:
+    """Whether ``got`` matches ``ref`` (rtol 1e-6, atol 1e-9 of the group's largest entry,
+    per group: weights, rates), and the max errors as text. NaN and inf never match."""
+    if [len(x) for x in got] != [len(x) for x in ref] or any(
+        g.shape != r.shape for gs, rs in zip(got, ref, strict=True) for g, r in zip(gs, rs, strict=True)
+    ):  # fmt: skip
+        return False, "different parameter or rate shapes"
+    ok, parts = True, []
+    for what, rs, gs in zip(("weights", "rates"), ref, got, strict=True):
+        if not rs:
+            continue
+        scale = max(r.abs().max().item() for r in rs) or 1.0  # atol relative to the largest
+        bad = sum(int((~torch.isfinite(g)).sum()) for g in gs)
+        total = sum(g.numel() for g in gs)
+        ok &= bad == 0 and all(
+            torch.allclose(g, r, rtol=1e-6, atol=1e-9 * scale) for r, g in zip(rs, gs, strict=True)
+        )
+        finite = [((g - r).abs()[torch.isfinite(g)]) for r, g in zip(rs, gs, strict=True)]
+        err = max((f.max().item() for f in finite if f.numel()), default=0.0) / scale
+        text = f"max err {err:.1e} of max grad"
+        if bad == total:
+            text = f"NaN/inf in all {total} entries"
+        elif bad:
+            text = f"NaN/inf in {bad} of {total} entries, {text.replace('err', 'err elsewhere')}"
+        parts.append(f"{what}: {text}" if ref[1] else text)
+    return ok, "; ".join(parts)
+
+
 def grad_check(
-    cfg: Config, libs: list[str], first_order: bool, seed: int, tasks: int, device: str = "cpu"
-) -> tuple[dict[str, str], str]:
+    cfg: Config, libs: list[str], first_order: bool, seed: int, tasks: int, device: str = "cpu",
+    algorithm: str = "maml",
+) -> tuple[dict[str, str], str]:  # fmt: skip
     """``{lib: "PASS ..." | "FAIL ..." | "n/a ..."}`` (float64 meta-gradients on ``device``
-    against metagrad's) and metagrad's strategy for this config on ``device``."""
+    against metagrad's, the learned rates' included) and metagrad's strategy for this config
+    on ``device``. A failing peer is compared with the algorithm's known variants too."""
     base, loss_fn, (batch,) = build(cfg, seed, torch.float64, device, 1, tasks)
-    ref: list[Tensor] = []
+    entries, lr = LIBS_BY_ALGORITHM[algorithm], inner_lr(cfg, algorithm)
+    ref: Grads | None = None
+    variants: dict[str, Grads | str] = {}
     out: dict[str, str] = {}
     strategy = "?"
     for lib in ["metagrad", *(x for x in libs if x != "metagrad")]:
-        model = copy.deepcopy(base)
         try:
-            step = LIBS[lib][1](model, loss_fn, cfg.lr, cfg.steps, first_order)
-            step(batch)
+            step, grads = _meta_grads(entries[lib][1], base, loss_fn, lr, cfg, first_order, batch)
         except NotImplementedError as e:
             out[lib] = f"n/a ({e})"
             continue
         except Exception as e:  # a crashing peer is a failing peer
             out[lib] = f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
             continue
-        grads = [p.grad for p in model.parameters()]
         if lib == "metagrad":
-            ref = [g if g is not None else torch.zeros(()) for g in grads]
             assert isinstance(step, Metagrad)  # the verdict is cached: no second check
             verdict = step.maml.strategy(batch, steps=cfg.steps, first_order=first_order)
-            strategy, out[lib] = f"{verdict.name} ({verdict.reason})", "PASS (reference)"
+            strategy = f"{verdict.name} ({verdict.reason})"
+            if isinstance(grads, str):
+                out[lib] = f"FAIL ({grads})"
+                continue
+            ref = grads
+            out[lib] = "PASS (reference)"
             continue
-        if not ref:
+        if ref is None:
             out[lib] = "n/a (metagrad, the reference, failed)"
             continue
-        if any(g is None for g in grads):
-            out[lib] = "FAIL (no meta-gradient for some parameters)"
+        if isinstance(grads, str):
+            out[lib] = f"FAIL ({grads})"
             continue
-        scale = max(r.abs().max().item() for r in ref)  # atol relative to the largest gradient
-        ok = all(
-            torch.allclose(g, r, rtol=1e-6, atol=1e-9 * scale)
-            for r, g in zip(ref, grads, strict=True)
-        )
-        rel = max((g - r).abs().max().item() for r, g in zip(ref, grads, strict=True)) / scale
-        out[lib] = f"{'PASS' if ok else 'FAIL'} (max err {rel:.1e} of max grad)"
+        ok, text = compare(ref, grads)
+        if not ok and algorithm in VARIANTS:
+            text += "; " + _which_variant(variants, algorithm, grads, base, loss_fn, lr, cfg,
+                                          first_order, batch)  # fmt: skip
+        out[lib] = f"{'PASS' if ok else 'FAIL'} ({text})"
     return out, strategy
+
+
+def _which_variant(
+    cache: dict[str, Grads | str], algorithm: str, grads: Grads, base: nn.Module, loss_fn: LossFn,
+    lr: float, cfg: Config, first_order: bool, batch: Batch,
+) -> str:  # fmt: skip
+    """Which known variants of the algorithm's formula ``grads`` match (NaN where NaN; all
+    of them: where NaN hides the other entries, more than one may)."""
+    found = []
+    for name, factory in VARIANTS[algorithm].items():
+        if name not in cache:
+            cache[name] = _meta_grads(factory, base, loss_fn, lr, cfg, first_order, batch)[1]
+        want = cache[name]
+        if isinstance(want, str):
+            continue
+        same_nan = all(
+            torch.equal(torch.isnan(g), torch.isnan(w))
+            for gs, ws in zip(grads, want, strict=True)
+            for g, w in zip(gs, ws, strict=True)
+        )
+        if same_nan and compare(_nan_to_zero(want), _nan_to_zero(grads))[0]:
+            found.append(name)
+    fewest = min((n.count("+") for n in found), default=0)
+    simplest = [n for n in found if n.count("+") == fewest]
+    if simplest:
+        text = "matches the reference with " + " or ".join(simplest)
+        if len(found) > len(simplest):  # e.g. NaN hides the rest, or first order hides sqrt's
+            text += " (so do combinations with further differences: this check cannot tell)"
+        return text
+    singles = [n for n in VARIANTS[algorithm] if "+" not in n]
+    return "matches none of the known variants (" + ", ".join(singles) + ")"
+
+
+def _nan_to_zero(grads: Grads) -> Grads:
+    return ([g.nan_to_num(0.0) for g in grads[0]], [g.nan_to_num(0.0) for g in grads[1]])
 
 
 # ---------------------------------------------------------------- worker (one subprocess)
@@ -160,8 +281,10 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
     cuda = args.device == "cuda"
     base, loss_fn, batches = build(cfg, args.seed, torch.float32, args.device, POOL)
     model = copy.deepcopy(base)
-    step = LIBS[args.worker][1](model, loss_fn, cfg.lr, cfg.steps, args.first_order)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # the same for everyone
+    factory = LIBS_BY_ALGORITHM[args.algorithm][args.worker][1]
+    step = factory(model, loss_fn, inner_lr(cfg, args.algorithm), cfg.steps, args.first_order)
+    # the same for everyone; Meta-SGD's learned rates are meta-parameters too
+    opt = torch.optim.Adam(meta_parameters(model, step), lr=1e-3, fused=True)
     rss0, times, first = _status_mib("VmRSS"), [], float("nan")
     for i in range(args.warmup + args.iters):
         if cuda:
@@ -189,7 +312,8 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
 def run_worker(lib: str, name: str, args: argparse.Namespace, iters: int, warmup: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", lib, "--config", name, "--iters", str(iters)]
     cmd += ["--warmup", str(warmup), "--threads", str(args.threads), "--device", args.device]
-    cmd += ["--seed", str(args.seed)] + (["--first-order"] if args.first_order else [])
+    cmd += ["--seed", str(args.seed), "--algorithm", args.algorithm]
+    cmd += ["--first-order"] if args.first_order else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}
@@ -223,12 +347,14 @@ def report(name: str, args: argparse.Namespace, res: dict) -> str:
         if "median_ms" in v and v.get("check", "").startswith("PASS")
     }
     best = min(passing.values(), default=float("nan"))
-    cfg = CONFIGS[name]
+    cfg, libs = CONFIGS[name], LIBS_BY_ALGORITHM[args.algorithm]
     lines = [
-        f"## MAML meta-iteration: {name} ({'first' if args.first_order else 'second'} order)",
+        f"## {ALGORITHMS[args.algorithm]} meta-iteration: {name} "
+        f"({'first' if args.first_order else 'second'} order)",
         "",
         f"{cfg.tasks} tasks x {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} query, "
-        f"{cfg.steps} inner step(s), alpha {cfg.lr}; {res['iters']} timed iters x "
+        f"{cfg.steps} inner step(s), alpha {inner_lr(cfg, args.algorithm)}; "
+        f"{res['iters']} timed iters x "
         f"{res['rounds']} rounds (+{res['warmup']} warm-up per round), interleaved; "
         f"device {args.device}, torch.set_num_threads({args.threads}).",
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
@@ -241,11 +367,13 @@ def report(name: str, args: argparse.Namespace, res: dict) -> str:
     ]
     for lib, r in rows.items():
         if "median_ms" not in r:
-            lines.append(f"| {lib} | {LIBS[lib][2]} | {r.get('check', '')} | {r['note']} |||||")
+            lines.append(
+                f"| {lib} | {libs[lib][2]} | {_cell(r.get('check', ''))} | {r['note']} |||||"
+            )
             continue
         ratio = f"{r['median_ms'] / best:.2f}" if lib in passing else "-"
         lines.append(
-            f"| {lib} | {LIBS[lib][2]} | {r['check']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} "
+            f"| {lib} | {libs[lib][2]} | {_cell(r['check'])} | {r['median_ms']:.1f} | {r['min_ms']:.1f} "
             f"| {ratio} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['setup_rss_mib']:.0f} |"
         )
     ours = ("metagrad", "metagrad-compile")
@@ -269,20 +397,29 @@ def report(name: str, args: argparse.Namespace, res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def bench(name: str, args: argparse.Namespace) -> str:
     cfg = CONFIGS[name]
     # 0: the metagrad preset's setting (one thread for the tiny MLP, every core for convnets)
     args = argparse.Namespace(**{**vars(args), "threads": args.threads or default_threads(cfg)})
     iters, rounds = args.iters or cfg.iters, args.rounds or cfg.rounds
     warmup = cfg.warmup if args.warmup is None else args.warmup
-    chosen = args.libs.split(",") if args.libs else list(LIBS)
-    notes = [f"{lib}: skipped ({why})" for lib in chosen if (why := missing(lib))]
-    libs = [lib for lib in chosen if not missing(lib)]
+    algo = args.algorithm
+    chosen = args.libs.split(",") if args.libs else list(LIBS_BY_ALGORITHM[algo])
+    notes = [f"{lib}: skipped ({why})" for lib in chosen if (why := missing(lib, algo))]
+    libs = [lib for lib in chosen if not missing(lib, algo)]
     if not _installed("learn2learn"):
         notes.append("learn2learn: not benchmarked (not installed: its 0.2.0 sdist does not build)")
     n_check = min(args.check_tasks or cfg.tasks, cfg.tasks)
-    check, strategy = grad_check(cfg, libs, args.first_order, args.seed, n_check, args.device)
-    notes.append(f"grad check: the first {n_check} task(s) of the first batch, float64")
+    check, strategy = grad_check(cfg, libs, args.first_order, args.seed, n_check, args.device, algo)
+    notes.append(
+        f"grad check: the first {n_check} task(s) of the first batch, float64"
+        + (" (meta-gradients of the weights and of the learned rates)" if algo == "metasgd" else "")
+    )
+    notes += algorithm_notes(cfg, algo)
     notes.append(f"metagrad's default strategy here: {strategy}")
     notes.append(
         "every library runs with glibc's mmap/trim thresholds raised "
@@ -318,6 +455,7 @@ def bench(name: str, args: argparse.Namespace) -> str:
         }
     res = {
         "config": name,
+        "algorithm": algo,
         "settings": asdict(cfg),
         "first_order": args.first_order,
         "device": args.device,
@@ -334,11 +472,38 @@ def bench(name: str, args: argparse.Namespace) -> str:
     text = report(name, args, res)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{res['date'][:10]}-{name}{'-fo' if args.first_order else ''}"
+    stem = f"{res['date'][:10]}-{name}{'' if algo == 'maml' else '-' + algo}"
+    stem += "-fo" if args.first_order else ""
     stem += "" if args.device == "cpu" else f"-{args.device}"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     return text
+
+
+def algorithm_notes(cfg: Config, algorithm: str) -> list[str]:
+    lr = inner_lr(cfg, algorithm)
+    if algorithm == "metasgd":
+        return [
+            f"Meta-SGD: a learned rate tensor per parameter tensor, starting at {lr}; "
+            "the outer Adam updates them with the weights"
+        ]
+    if algorithm == "anil":
+        head = head_name(build(cfg, 0, torch.float64, "cpu", 0, 1)[0])
+        return [
+            f"ANIL: only `{head}` adapts; metagrad and the autograd reference run the whole "
+            "model at every inner step, the peers compute the body's features once per task "
+            "and adapt the head on them (their usual ANIL idiom)"
+        ]
+    if algorithm == "maml-adam":
+        return [
+            f"inner Adam: lr {lr} (the config's alpha capped at {ADAM_LR}), betas {B1, B2}, "
+            f"eps {EPS}, moments zero per task; TorchOpt's adam/MetaAdam with their defaults "
+            "(eps_root=0)",
+            "a peer that fails the check is compared with the reference computed with known "
+            "differences of the Adam formula: "
+            + "; ".join(f"{k}: {v}" for k, v in VARIANT_LEGEND[algorithm].items()),
+        ]
+    return []
 
 
 def default_threads(cfg: Config) -> int:
@@ -356,6 +521,11 @@ def _installed(pkg: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="all", choices=[*CONFIGS, "all"])
+    p.add_argument(
+        "--algorithm", default="maml", choices=list(ALGORITHMS),
+        help="maml (default), metasgd (learned per-parameter rates), anil (head only), "
+        "maml-adam (inner Adam)",
+    )  # fmt: skip
     p.add_argument("--iters", type=int, default=0, help="timed iterations per round (0: config's)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved rounds (0: config's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per round")
@@ -365,15 +535,21 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=0,
         help="torch.set_num_threads for every library (0: 1 for sinusoid, all cores for convnets)",
     )  # fmt: skip
-    p.add_argument("--libs", default="", help=f"comma-separated subset of {','.join(LIBS)}")
+    p.add_argument(
+        "--libs", default="",
+        help="comma-separated subset of the algorithm's libraries: "
+        + "; ".join(f"{a}: {','.join(v)}" for a, v in LIBS_BY_ALGORITHM.items()),
+    )  # fmt: skip
     p.add_argument("--check-tasks", type=int, default=4, help="tasks in the grad check (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = set(filter(None, args.libs.split(","))) - set(LIBS)
+    known = LIBS_BY_ALGORITHM[args.algorithm]
+    unknown = set(filter(None, args.libs.split(","))) - set(known)
     if unknown:
-        p.error(f"unknown --libs {sorted(unknown)}; choose from {list(LIBS)}")
+        p.error(f"unknown --libs {sorted(unknown)} for --algorithm {args.algorithm}; "
+                f"choose from {list(known)}")  # fmt: skip
     args.command = " ".join(["python benchmarks/bench_maml.py", *(argv or sys.argv[1:])])
     if args.worker:
         torch.set_num_threads(args.threads)

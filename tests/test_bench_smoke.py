@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/bench_maml.py``: one sinusoid iteration, metagrad only.
+"""Smoke test of ``benchmarks/bench_maml.py``: one sinusoid iteration, metagrad only; the
+gradient check of the MAML family (``--algorithm metasgd|anil|maml-adam``) at tiny size.
 
 The project venv has no peers installed, so the harness must skip them with a note. The
 harness runs in this process; the timed iteration still runs in its worker subprocess.
@@ -6,6 +7,7 @@ harness runs in this process; the timed iteration still runs in its worker subpr
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -51,3 +53,75 @@ def test_query_floor_reports_every_part(
         assert f"| {part} |" in text
     (result,) = tmp_path.glob("*-omniglot-5w1s-floor.md")
     assert result.read_text().strip() == text.strip() == capsys.readouterr().out.strip()
+
+
+FAMILY = ("metasgd", "anil", "maml-adam")
+
+
+@pytest.mark.parametrize("algorithm", FAMILY)
+def test_bench_family_grad_check(algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new algorithms' gradient check at tiny size (2 tasks, 2 inner steps, both orders):
+    metagrad against the autograd reference and whichever peers are installed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_maml")
+    libs = importlib.import_module("maml_libs")
+    cfg = dataclasses.replace(bench.CONFIGS["sinusoid"], steps=2)
+    here = [k for k in libs.LIBS_BY_ALGORITHM[algorithm] if k != "metagrad-compile"]
+    here = [k for k in here if libs.missing(k, algorithm) is None]
+    for first_order in (False, True):
+        check, strategy = bench.grad_check(cfg, here, first_order, 0, 2, "cpu", algorithm)
+        assert check["metagrad"] == "PASS (reference)", check
+        assert check["autograd"].startswith("PASS"), check
+        if algorithm == "metasgd":  # the learned rates' meta-gradient is compared too
+            assert "rates: max err" in check["autograd"]
+        assert strategy != "?"
+        # the peers, where installed (.bench-venv): what the benchmark found
+        for lib, verdict in check.items():
+            if algorithm != "maml-adam" or lib in ("metagrad", "autograd"):
+                assert verdict.startswith(("PASS", "n/a")), (lib, verdict)
+            elif lib == "higher":
+                assert "matches the reference with eps-before-bc" in verdict, verdict
+            elif lib.startswith("torchopt") and not verdict.startswith("n/a"):
+                want = "float32-bc" if first_order else "plain-sqrt"
+                assert f"matches the reference with {want}" in verdict, verdict
+
+
+def test_bench_adam_check_names_a_different_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library whose inner Adam differs from torch.optim's fails the check, and the report
+    says how (here: stand-ins built from the known variants, so no peer is needed)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_maml")
+    libs = importlib.import_module("maml_libs")
+    table = libs.LIBS_BY_ALGORITHM["maml-adam"]
+    variants = libs.VARIANTS["maml-adam"]
+    monkeypatch.setitem(table, "eps-late", ("torch", variants["eps-before-bc"], "stand-in"))
+    monkeypatch.setitem(table, "naive-sqrt", ("torch", variants["plain-sqrt"], "stand-in"))
+    check, _ = bench.grad_check(
+        bench.CONFIGS["sinusoid"], ["metagrad", "eps-late", "naive-sqrt"], False, 0, 2,
+        algorithm="maml-adam",
+    )  # fmt: skip
+    assert check["eps-late"].startswith("FAIL (max err")
+    assert check["eps-late"].endswith("matches the reference with eps-before-bc)")
+    # dead ReLU units give exactly zero inner-gradient entries: sqrt's derivative is inf there
+    assert check["naive-sqrt"].startswith("FAIL (NaN/inf in ")
+    assert "matches the reference with plain-sqrt" in check["naive-sqrt"]
+
+
+def test_bench_metasgd_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--algorithm metasgd``: the timed worker updates the learned rates too, and the
+    results file names the algorithm."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_maml")
+    argv = ["--config", "sinusoid", "--algorithm", "metasgd", "--iters", "1", "--rounds", "1"]
+    bench.main([*argv, "--warmup", "0", "--libs", "metagrad,autograd", "--check-tasks", "2",
+                "--out-dir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "## Meta-SGD meta-iteration: sinusoid (second order)" in out
+    (result,) = tmp_path.glob("*-sinusoid-metasgd.json")
+    data = json.loads(result.read_text())
+    assert data["algorithm"] == "metasgd"
+    for lib in ("metagrad", "autograd"):
+        assert data["libs"][lib]["check"].startswith("PASS"), data["libs"][lib]
+        assert len(data["libs"][lib]["times_ms"]) == 1
