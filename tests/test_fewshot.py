@@ -137,12 +137,12 @@ def test_compile_setting_auto_true_false_and_old_runs():
     from metagrad.experiments.config import apply_mapping, apply_overrides
 
     cfg = preset("omniglot-5w1s")
-    assert cfg["compile"] == "auto" and experiment_for(cfg).build().compile is None
+    assert cfg["compile"] == "auto" and experiment_for(cfg).build().compile_mode is None
     for text, expect in [("true", True), ("false", False), ("AUTO", None)]:
         built = experiment_for(apply_overrides(cfg, [f"compile={text}"])).build()
-        assert built.compile is expect
+        assert built.compile_mode is expect
     # runs made when compile was a flag saved compile = false / true
     assert apply_mapping(cfg, {"compile": False}, "config.toml")["compile"] == "false"
-    assert experiment_for(cfg | {"compile": True}).build().compile is True
+    assert experiment_for(cfg | {"compile": True}).build().compile_mode is True
     with pytest.raises(ConfigError, match="compile"):
         experiment_for(apply_overrides(cfg, ["compile=sometimes"])).build()

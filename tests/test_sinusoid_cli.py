@@ -138,7 +138,7 @@ def test_cli_oracle_knows_the_task(tmp_path):
     assert lr in preset("sinusoid")["finetune_lrs"]
     table = cli("eval", str(runs["maml"].path), str(runs["pretrain"].path), str(ora)).stdout
     methods = [line.split()[0] for line in table.splitlines() if "K=10" in line]
-    assert methods == ["maml", "pretrain", "oracle"], table
+    assert methods == ["MAML", "pretrain", "oracle"], table
     oracle = json.loads((ora / "eval.json").read_text())
     pre = json.loads((runs["pretrain"].path / "eval.json").read_text())
     assert oracle["method"] == "oracle" and oracle["inner_lr"] == lr

@@ -81,6 +81,10 @@ class MAML(nn.Module):
         w = None if weights is None else specs.step_weights_tensor(weights, self.inner_steps)
         self._weights: Tensor | None = None if w is None else w.to(like.device, like.dtype)
 
+    @property
+    def compile_mode(self) -> bool | None:  # the compile argument
+        return self._compiled.mode
+
     def _params(self) -> Params:
         return {n: p for n, p in self.model.named_parameters()}
 
@@ -97,7 +101,7 @@ class MAML(nn.Module):
 
     def learned_lrs(self) -> dict[str, nn.Parameter]:
         """``{parameter name: its learned rate}`` (empty with a fixed ``inner_lr``)."""
-        return {k.replace("/", "."): r for k, r in self.lrs.items()}  # keys: "." as "/"
+        return {n: self.lrs[n.replace(".", "/")] for n in self.adapts if n.replace(".", "/") in self.lrs}  # fmt: skip
 
     def hyper(self) -> Hyper:
         return Hyper(dict(self.learned_lrs()), self._weights)
@@ -124,11 +128,8 @@ class MAML(nn.Module):
         check_batch(support_x, support_y, query_x, query_y)
         data = (support_x, support_y, query_x, query_y)
         problem = self.problem(steps, first_order)
-        verdict = self.strategy(
-            data, steps=problem.spec.steps, first_order=problem.spec.first_order
-        )
-        params = self._params()
-        return executors.run(problem, params, self.hyper(), data, verdict.vectorize,
+        verdict = self.strategy(data, steps=problem.spec.steps, first_order=problem.spec.first_order)  # fmt: skip
+        return executors.run(problem, self._params(), self.hyper(), data, verdict.vectorize,
                              channels_last=self._channels_last(query_x))  # fmt: skip
 
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
@@ -148,13 +149,10 @@ class MAML(nn.Module):
         if not torch.is_grad_enabled():
             raise RuntimeError("meta_backward needs grad mode; it was called under torch.no_grad()")
         data = (support_x, support_y, query_x, query_y)
-        problem, hyper = self.problem(), self.hyper()
-        params = self._params()
+        problem, hyper, params = self.problem(), self.hyper(), self._params()
         if not any(p.requires_grad for p in self.parameters()):
             raise RuntimeError("meta_backward: no parameter of the model requires grad")
-        strategy = self.strategy(
-            data, steps=self.inner_steps, first_order=self.first_order
-        ).vectorize
+        strategy = self.strategy(data, steps=self.inner_steps, first_order=self.first_order).vectorize  # fmt: skip
         key = (strategy, self.inner_steps, self.first_order, support_x.device.type, support_x.dtype, self._weights is None)  # fmt: skip
         if strategy == "support" and self._compiled.wanted((False, *key[1:])):
             key = (False, *key[1:])  # compiled graphs: vmapped or per task
@@ -187,9 +185,8 @@ class MAML(nn.Module):
         check_batch(support_x, support_y, query_x, query_y)
         data = (support_x, support_y, query_x, query_y)
         vmapped = self.strategy(data, steps=1, first_order=True).vectorize is True
-        params, buffers = self._params(), dict(self.model.named_buffers())
+        params, buffers = {k: v.detach() for k, v in self._params().items()}, dict(self.model.named_buffers())  # fmt: skip
         spec, hyper, names = self.spec(steps, True), self.hyper(), list(metrics)
-        params = {k: v.detach() for k, v in params.items()}
         fns = [metrics[n] for n in names]
 
         def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
