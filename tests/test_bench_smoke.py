@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# end-to-end runs: `pytest -m "not slow"` (make test-fast) leaves them out
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

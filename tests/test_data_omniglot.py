@@ -21,6 +21,9 @@ from metagrad.data import (
 )
 from metagrad.data import omniglot as om
 
+# end-to-end runs: `pytest -m "not slow"` (make test-fast) leaves them out
+pytestmark = pytest.mark.slow
+
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 BG_ZIP, EV_ZIP = OMNIGLOT / "images_background.zip", OMNIGLOT / "images_evaluation.zip"
 needs_data = pytest.mark.skipif(

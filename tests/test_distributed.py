@@ -27,9 +27,12 @@ from metagrad.experiments.training import train
 HERE = Path(__file__).resolve().parent
 SMALL = ["--set", "eval_tasks=20", "--set", "eval_shots=5,10", "--set", "eval_steps=2"]
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.slow,  # several processes: `pytest -m "not slow"` leaves them out
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+]
 
 
 def _worker_module():

@@ -77,6 +77,7 @@ def test_bad_family_values_are_config_errors(sets, match):
         built("sinusoid", *sets)
 
 
+@pytest.mark.slow
 def test_metasgd_run_saves_and_reloads_learned_rates(tmp_path):
     """A Meta-SGD sinusoid run through the CLI: the learned rates train, are saved, come
     back with mg.load_run, and the eval table names the algorithm."""

@@ -17,6 +17,9 @@ from metagrad.experiments.registry import experiment_for
 from metagrad.experiments.runs import Run
 from metagrad.experiments.training import train
 
+# end-to-end runs: `pytest -m "not slow"` (make test-fast) leaves them out
+pytestmark = pytest.mark.slow
+
 OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(
     not (OMNIGLOT / "images_background.zip").is_file(), reason=f"Omniglot not found in {OMNIGLOT}"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
+
+# end-to-end runs: `pytest -m "not slow"` (make test-fast) leaves them out
+pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -36,6 +36,9 @@ from metagrad.rl.maml_trpo import (  # noqa: E402
 )
 from metagrad.rl.policy import FunctionalPolicy, diag_gaussian_log_prob  # noqa: E402
 
+# end-to-end runs: `pytest -m "not slow"` (make test-fast) leaves them out
+pytestmark = pytest.mark.slow
+
 NAV = "metagrad/Navigation2D-v0"
 
 

@@ -21,6 +21,9 @@ from metagrad.experiments.runs import Run
 from metagrad.experiments.training import train
 from metagrad.tasks import SinusoidTasks
 
+# end-to-end runs: `pytest -m "not slow"` (make test-fast) leaves them out
+pytestmark = pytest.mark.slow
+
 SMALL = ["--set", "eval_tasks=50", "--set", "eval_shots=5,10", "--set", "eval_steps=3"]
 
 
