@@ -36,7 +36,8 @@ def evaluate_run(
 
 def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) -> str:
     """A plain-text table: one row per (run, setting), one column per step count."""
-    steps = steps if steps is not None else results[0]["steps"]
+    if steps is None:  # the step counts every run was evaluated at (runs may differ)
+        steps = [s for s in results[0]["steps"] if all(s in r["steps"] for r in results)]
     metric = results[0]["metric"]
     head = ["algorithm", "setting"] + [f"{s} step{'s' * (s != 1)}" for s in steps]
     rows, notes = [], set()
