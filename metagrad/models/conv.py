@@ -13,8 +13,10 @@ current batch, at training and test time), ReLU, then a linear layer.
 and ReLU.
 
 Difference from the original TensorFlow code: there the BatchNorm offsets are
-meta-learned but not adapted in the inner loop (and it has no scale); here every
-parameter, BatchNorm's included, takes part in the inner loop, like the PyTorch ports.
+meta-learned but not adapted in the inner loop (and it has no scale); by default here every
+parameter, BatchNorm's included, takes part in the inner loop, like the PyTorch ports. The
+presets' ``--set adapt=no-norm`` gives the original's choice (what adapts is the learner's
+business, not the model's: ``MAML(adapt=...)``).
 """
 
 from __future__ import annotations
