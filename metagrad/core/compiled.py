@@ -20,7 +20,7 @@ from torch import Tensor
 from . import executors
 from .executors import Data, Problem
 from .spec import Hyper, Params
-from .strategy import _as_double, _double
+from .strategy import as_double, float64_copy
 
 Grads = tuple[Params, Params]  # (trainable parameters, learned rates)
 
@@ -135,8 +135,8 @@ class Compiled:
         if all((grads[k] - r).abs().max().item() <= eps**0.5 * scale for k, r in ref.items()):
             return
         if data[0].dtype != torch.float64:
-            p64, params64, _, h64 = _double(problem, hyper)
-            data64 = tuple(_as_double(t) for t in data)
+            p64, params64, _, h64 = float64_copy(problem, hyper)
+            data64 = tuple(as_double(t) for t in data)
             exact = eager_meta_grad(p64, params64, h64, data64, strategy)  # type: ignore[arg-type]
             eager_err = max((r.double() - exact[k]).abs().max().item() for k, r in ref.items())
             err = max((grads[k].double() - exact[k]).abs().max().item() for k in ref)

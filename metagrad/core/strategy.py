@@ -108,7 +108,7 @@ def small_support(support_x: Tensor, steps: int) -> bool:
     return steps >= 1 and support_x[0].numel() <= SMALL_SUPPORT
 
 
-def _as_double(t: Tensor) -> Tensor:
+def as_double(t: Tensor) -> Tensor:
     return t.double() if t.is_floating_point() else t
 
 
@@ -145,12 +145,12 @@ def choose(
     return Verdict(batched if ok else False, why)
 
 
-def _double(problem: Problem, hyper: Hyper) -> tuple[Problem, Params, Params, Hyper]:
+def float64_copy(problem: Problem, hyper: Hyper) -> tuple[Problem, Params, Params, Hyper]:
     """A float64 copy of the problem: its model's parameters (trainable ones as leaves that
     require grad) and learned rates, detached from the originals."""
     model = copy.deepcopy(problem.model).double()
     params: Params = {n: p for n, p in model.named_parameters()}
-    buffers = {k: _as_double(b) for k, b in model.named_buffers()}
+    buffers = {k: as_double(b) for k, b in model.named_buffers()}
     rates = {k: r.detach().double().requires_grad_(r.requires_grad) for k, r in hyper.rates.items()}
     weights = None if hyper.weights is None else hyper.weights.detach().double()
     return replace(problem, model=model, buffers=buffers), params, buffers, Hyper(rates, weights)
@@ -172,10 +172,10 @@ def vmap_matches_loop(
     (``True``: vmap, ``"support"``: vmap over the support sets).
     """
     what = "vmap" if vectorize is True else "vmap over the support sets"
-    p64, params, _, h64 = _double(problem, hyper)
+    p64, params, _, h64 = float64_copy(problem, hyper)
     wrt = {k: p for k, p in params.items() if p.requires_grad}
     wrt |= {f"learned lr of {k}": r for k, r in h64.rates.items() if r.requires_grad}
-    batch = tuple(_as_double(t[:tasks].detach()) for t in data)
+    batch = tuple(as_double(t[:tasks].detach()) for t in data)
     results = []
     for strategy in (False, vectorize):
         try:
