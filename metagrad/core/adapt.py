@@ -113,7 +113,10 @@ def outer_loss(
     channels_last: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The query loss the outer loop sees, from the parameters after each step (the last
-    entry alone without multi-step weights), and the last step's predictions."""
+    entry alone without multi-step weights, or with weights for another step count: evaluation
+    at more or fewer steps than trained), and the last step's predictions."""
+    if hyper.weights is not None and len(adapted) != hyper.weights.shape[0]:
+        hyper = Hyper(hyper.rates, None)
     if hyper.weights is None:
         adapted = adapted[-1:]
     total: Tensor | None = None
@@ -156,8 +159,6 @@ def task_loss(
                       steps=steps, autograd=autograd, every_step=True)  # fmt: skip
         assert isinstance(trail, list)
         adapted = trail
-    if hyper.weights is not None and len(adapted) != hyper.weights.shape[0]:
-        hyper = Hyper(hyper.rates, None)  # a different step count: the last step's loss
     return outer_loss(model, loss_fn, buffers, adapted, qx, qy, hyper, channels_last=channels_last)
 
 

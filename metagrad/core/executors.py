@@ -132,6 +132,8 @@ def support(problem: Problem, params: Params, hyper: Hyper, data: Data, *, backw
     sx, sy, qx, qy = data
     n = sx.shape[0]
     trail = batched_adapt(problem, params, hyper, sx, sy)
+    if hyper.weights is not None and len(trail) != hyper.weights.shape[0]:
+        hyper = Hyper(hyper.rates, None)  # as outer_loss: weights for another step count
     if hyper.weights is None:
         trail = trail[-1:]
     if backward and sx.device.type == "cpu":
