@@ -15,7 +15,7 @@ from .errors import ConfigError, MetagradError
 # keys that may change when a run is resumed (they do not change what was trained so far)
 RESUMABLE = {
     "iterations", "log_every", "checkpoint_every", "val_every", "time_limit_min", "data_dir",
-    "threads",
+    "threads", "on_nonfinite",
 }  # fmt: skip
 
 
@@ -109,14 +109,15 @@ def _requested(args: argparse.Namespace) -> dict:
     return {k: full[k] for k in asked if k in full}
 
 
-def _prepare_run(args: argparse.Namespace) -> tuple[dict, str, bool]:
+def _prepare_run(args: argparse.Namespace, out: str | None = None) -> tuple[dict, str, bool]:
     """The config to train with, the run directory and whether it resumes; checks the
     directory against the request but writes nothing."""
-    from .experiments.runs import Run
+    from .experiments.runs import LOCK, Run
 
     cfg = resolve_config(args)
     out = (
-        args.out
+        out
+        or args.out
         or f"runs/{args.preset}-{cfg.get('method', 'maml')}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     run = Run(out)
@@ -139,7 +140,9 @@ def _prepare_run(args: argparse.Namespace) -> tuple[dict, str, bool]:
             saved[key] = value
         cfg = saved
         resuming = run.has_checkpoint()
-    elif run.path.exists() and any(run.path.iterdir()):
+    elif run.path.is_file():
+        raise ConfigError(f"{out} is a file, not a run directory; choose another --out")
+    elif run.path.is_dir() and any(p.name != LOCK for p in run.path.iterdir()):
         raise ConfigError(f"{out} exists and is not a run directory; choose another --out")
     return cfg, out, resuming
 
@@ -148,6 +151,7 @@ def _launch(args: argparse.Namespace) -> int:
     """``--nproc N``: check the request here, once, then start N ranks of this command."""
     from .experiments import distributed as D
     from .experiments.registry import experiment_for
+    from .experiments.runs import Run
 
     device = _device(args.device)
     if device.type == "cuda" and args.nproc > torch.cuda.device_count():
@@ -156,8 +160,9 @@ def _launch(args: argparse.Namespace) -> int:
             f"{torch.cuda.device_count()} are visible; use fewer or --device cpu"
         )
     cfg, out, _ = _prepare_run(args)
-    # a bad value fails here, before any process starts
+    # a bad value or a busy run directory fails here, before any process starts
     D.check_parallel(experiment_for(cfg, torch.device("cpu")), args.nproc)
+    Run(out).lock().release()  # rank 0 takes the lock for the run itself
     command = [sys.executable, "-m", "metagrad", *args.argv, "--out", out]
     hint = f"run the same command again to resume from the last checkpoint in {out}"
     return D.launch(command, args.nproc, hint=hint)
@@ -187,22 +192,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, device: torch.device, world) -> int:
     from .experiments import distributed as D
+    from .experiments.registry import experiment_for
+    from .experiments.runs import Run, RunLock
+
+    held: list[RunLock] = []
+
+    def setup() -> tuple[dict, str, bool]:  # rank 0 checks, locks and writes the run directory
+        cfg, out, _ = _prepare_run(args)
+        exp = experiment_for(cfg, device)
+        D.check_parallel(exp, world.size)
+        exp.build()  # a value the learner refuses fails here, before anything is written
+        held.append(Run(out).lock())  # one writer: a second `train` stops here
+        cfg, out, resuming = _prepare_run(args, out)  # again, now that no one else writes
+        Run(out).write_config(cfg)
+        return cfg, out, resuming
+
+    try:
+        cfg, out, resuming = world.on_main(setup, "the start-up")
+        return _train_locked(args, device, world, cfg, out, resuming)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _train_locked(args: argparse.Namespace, device: torch.device, world, cfg: dict, out: str,
+                  resuming: bool) -> int:  # fmt: skip
     from .experiments.evaluation import evaluate_run, format_table
     from .experiments.registry import experiment_for
     from .experiments.runs import Run
     from .experiments.training import train
 
-    def setup() -> tuple[dict, str, bool]:  # rank 0 checks and writes the run directory
-        cfg, out, resuming = _prepare_run(args)
-        exp = experiment_for(cfg, device)
-        D.check_parallel(exp, world.size)
-        exp.build()  # a value the learner refuses fails here, before anything is written
-        run = Run(out)
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(cfg)
-        return cfg, out, resuming
-
-    cfg, out, resuming = world.on_main(setup, "the start-up")
     run = Run(out)
     if cfg.get("threads", 0) > 0:
         torch.set_num_threads(cfg["threads"])
@@ -273,12 +292,12 @@ def _report(e: MetagradError) -> None:
     """Print ``e`` as one line; the other ranks of a multi-process run leave to rank 0
     what it reports for all of them."""
     from .experiments.distributed import PeerFailed, current_rank
-    from .experiments.training import Interrupted
+    from .experiments.training import Diverged, Interrupted
 
     rank = current_rank()
     if rank == 0:
         print(f"metagrad: error: {e}", file=sys.stderr)
-    elif not isinstance(e, PeerFailed | Interrupted):
+    elif not isinstance(e, PeerFailed | Interrupted | Diverged):  # every rank has them
         print(f"metagrad: error: rank {rank}: {e}", file=sys.stderr)
 
 

@@ -103,7 +103,7 @@ def test_cli_pretrain_baseline_and_comparison(tmp_path):
     pre = tmp_path / "pre"
     cli("train", "sinusoid", "--out", str(pre), "--set", "method=pretrain", "--set",
         "iterations=100", "--set", "finetune_val_tasks=20", *SMALL)  # fmt: skip
-    lr = torch.load(pre / "checkpoint.pt", weights_only=False)["extra"]["inner_lr"]
+    lr = torch.load(pre / "checkpoint.pt", weights_only=True)["extra"]["inner_lr"]
     assert lr in preset("sinusoid")["finetune_lrs"]
     assert json.loads(cli("eval", str(pre), "--json").stdout)["inner_lr"] == lr
     maml = tmp_path / "maml"
@@ -137,7 +137,7 @@ def test_cli_oracle_knows_the_task(tmp_path):
     proc = cli("train", "sinusoid", "--out", str(ora), "--set", "method=oracle",
                "--set", "iterations=200", *sets)  # fmt: skip
     assert "oracle" in proc.stdout and (ora / "plots" / "figure2_sinusoid_fits.png").is_file()
-    lr = torch.load(ora / "checkpoint.pt", weights_only=False)["extra"]["inner_lr"]
+    lr = torch.load(ora / "checkpoint.pt", weights_only=True)["extra"]["inner_lr"]
     assert lr in preset("sinusoid")["finetune_lrs"]
     table = cli("eval", str(runs["maml"].path), str(runs["pretrain"].path), str(ora)).stdout
     methods = [line.split()[0] for line in table.splitlines() if "K=10" in line]
@@ -168,14 +168,14 @@ def test_cli_resume_after_sigterm_matches_straight_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    stopped_at = torch.load(out / "checkpoint.pt", weights_only=False)["iteration"]
+    stopped_at = torch.load(out / "checkpoint.pt", weights_only=True)["iteration"]
     if proc.returncode == 0:  # it finished before the signal arrived: nothing to resume
         pytest.skip("training finished before SIGTERM arrived")
     assert proc.returncode == 2 and "checkpoint saved" in err
     assert 0 < stopped_at < 1200
     cli("train", "sinusoid", "--out", str(out), *args)
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -38,6 +38,10 @@ class Experiment:
             raise ConfigError(
                 f"bad value {cfg['method']!r} for method: choose one of {', '.join(self.methods)}"
             )
+        if cfg.get("on_nonfinite", "stop") not in ("stop", "skip"):
+            raise ConfigError(
+                f"bad value {cfg['on_nonfinite']!r} for on_nonfinite: choose stop or skip"
+            )
         for key in ("iterations", "meta_batch"):
             if key in cfg and cfg[key] < 1 and not (key == "iterations" and cfg[key] == 0):
                 raise ConfigError(f"bad value {cfg[key]!r} for {key}: must be >= 1")

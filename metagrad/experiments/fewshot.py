@@ -44,6 +44,7 @@ COMMON: dict[str, Any] = FAMILY | {
     "vectorize": "auto",
     # torch.compile the meta-gradient: auto = on CUDA (where it is ~3x faster), eager on CPU
     "compile": "auto",
+    "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
     "threads": 0,  # torch threads; 0: torch's default (all cores; cores / processes with --nproc)
     "model": "conv4",
     "data_dir": "",

@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "max_backtracks": 15,
     "hvp": "exact",  # exact (double backward through the inner step) or finite_difference
     "num_workers": 0,  # sampler worker processes (0: in process)
+    "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
     "threads": 1,
     "log_every": 1,
     "checkpoint_every": 10,
@@ -157,6 +158,8 @@ def _check(cfg: dict[str, Any]) -> None:
             raise bad(key, "must be > 0")
     if not 0 < cfg["gamma"] <= 1:
         raise bad("gamma", "must be in (0, 1]")
+    if cfg["on_nonfinite"] == "skip":  # TRPO has moved the policy before the check
+        raise bad("on_nonfinite", "RL runs can only stop (TRPO updates the policy inside the step)")
     if not 0 <= cfg["gae_lambda"] <= 1:
         raise bad("gae_lambda", "must be in [0, 1]")
     if not 0 < cfg["backtrack_ratio"] < 1:

@@ -8,6 +8,11 @@ Layout of a run directory::
     best.pt            parameters with the best validation score (when validated)
     eval.json          evaluation results (``metagrad eval``)
     plots/*.png        figures (``metagrad plot``)
+    train.lock         held by the training process writing the directory
+
+Checkpoints hold only tensors and plain values (numbers, strings, lists, dicts) and are
+read with ``torch.load(weights_only=True)``: loading a run directory someone shared never
+runs code from it. Every file is written atomically (a temporary file renamed into place).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,22 +36,77 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.csv"
 EVAL = "eval.json"
+LOCK = "train.lock"
+
+
+def _cannot_write(path: Path, e: OSError) -> RunDirError:
+    why = e.strerror or type(e).__name__
+    kept = f"; {path.name} was left as it was" if path.exists() else ""
+    return RunDirError(f"cannot write {path}: {why}{kept}")
 
 
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename it into place, so a
-    crash or a full disk never leaves a half-written file where a good one was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    crash or a full disk never leaves a half-written file where a good one was.
+
+    Raises :class:`RunDirError` naming the file when the folder cannot be written (no
+    permission, disk full, not a folder)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from None
         raise
+
+
+class RunLock:
+    """The one-writer lock of a run directory: an exclusive ``flock`` on ``train.lock``,
+    which holds the owner's process id and host. The kernel drops the lock when its
+    process ends, however it ends, so a lock left by a dead process is simply taken."""
+
+    def __init__(self, run: Run) -> None:
+        import fcntl
+
+        self.path = run.path / LOCK
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")  # noqa: SIM115 (held for the process's life)
+        except OSError as e:
+            raise _cannot_write(self.path, e) from None
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunDirError(
+                f"{run.path} is being written by {holder}; wait for that run to end "
+                "or choose another --out"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the flock
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class Run:
@@ -79,25 +141,45 @@ class Run:
         atomic_write_bytes(self.path / name, lambda f: torch.save(state, f))
 
     def load(self, name: str = CHECKPOINT, map_location: str | torch.device = "cpu") -> dict:
+        """A checkpoint's contents; never unpickles anything but tensors and plain values."""
         path = self.path / name
         if not path.is_file():
             raise RunDirError(f"{path} is missing: was the run trained?")
         try:
-            return torch.load(path, map_location=map_location, weights_only=False)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            raise RunDirError(
+                f"{path} holds objects other than tensors and plain values; refusing to "
+                "load it, since unpickling them could run code (metagrad never writes such "
+                "files)"
+            ) from None
         except Exception as e:
             raise RunDirError(
                 f"{path} is corrupt ({type(e).__name__}); it cannot be loaded"
             ) from None
+        if not isinstance(state, dict):
+            raise RunDirError(
+                f"{path} is not a metagrad checkpoint (it holds a {type(state).__name__})"
+            )
+        return state
+
+    def lock(self) -> RunLock:
+        """Take the directory's one-writer lock (creating the directory), or raise
+        :class:`RunDirError` naming the process that holds it."""
+        return RunLock(self)
 
     # -------------------------------------------------------------- metrics
     def append_metrics(self, row: dict[str, Any]) -> None:
         path = self.path / METRICS
         new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        try:
+            with path.open("a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+        except OSError as e:
+            raise _cannot_write(path, e) from None
 
     def metrics(self) -> list[dict[str, float]]:
         path = self.path / METRICS

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "meta_lr": 1e-3,
     "vectorize": "auto",
     "compile": "false",  # torch.compile the meta-gradient: true, false or auto (on CUDA)
+    "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
     "threads": 1,  # torch threads; a tiny MLP runs fastest on one (0: torch's default)
     "log_every": 100,
     "checkpoint_every": 2000,

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from ..core import MAML
@@ -29,6 +30,41 @@ from .runs import BEST, CHECKPOINT, Run
 
 class Interrupted(MetagradError):
     pass
+
+
+class Diverged(MetagradError):
+    """The meta-loss or the meta-gradient became NaN or infinite."""
+
+
+# the config values that, lowered, most often cure a divergence
+_LOWER = ("meta_lr", "inner_lr", "max_kl")
+
+
+def _finite(metrics: dict[str, Any], maml: MAML) -> Tensor:
+    """[every metric finite, every gradient finite] as a bool tensor, on the model's device
+    and without a device sync. Experiments that update the parameters themselves (TRPO)
+    leave no gradients: their parameters are checked instead."""
+    params = list(maml.parameters())
+    device = params[0].device
+    grads = [p.grad for p in params if p.grad is not None] or params
+    values = [torch.as_tensor(v, device=device, dtype=torch.float32) for v in metrics.values()]
+    metrics_ok = torch.stack([torch.isfinite(v).all() for v in values]).all() if values else (
+        torch.ones((), dtype=torch.bool, device=device))  # fmt: skip
+    grads_ok = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    return torch.stack([metrics_ok, grads_ok])
+
+
+def _diverged(cfg: dict[str, Any], run: Run, iteration: int, ok: Tensor) -> Diverged:
+    what = "the meta-loss" if not ok[0] else "the meta-gradient"
+    if run.has_checkpoint():
+        kept = f"{run.path / CHECKPOINT} is kept as it was"
+    else:
+        kept = "no checkpoint had been written yet"
+    lower = ", ".join(f"{k} (now {cfg[k]:g})" for k in _LOWER if k in cfg)
+    return Diverged(
+        f"training diverged at iteration {iteration}: {what} is not finite (NaN or inf); "
+        f"{kept}; try lowering {lower}, or --set on_nonfinite=skip to skip such steps"
+    )
 
 
 @contextmanager
@@ -105,12 +141,21 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 "iteration": iteration,
                 "elapsed_s": elapsed,
                 "best": best,
+                "skipped": skipped,
                 "extra": extra or {},
             }
         )
 
     total = cfg["iterations"]
+    skip = cfg.get("on_nonfinite", "stop") == "skip"
     fields = ["iteration", "elapsed_s", *exp.train_metrics, *exp.val_metrics]
+    fields += ["nonfinite_skipped"] if skip else []
+    skipped = state.get("skipped", 0) if state is not None else 0
+    # the first non-finite step (its iteration, or 0) is kept on the device and read at the
+    # next log, validation or checkpoint, before anything is written (a sync every
+    # iteration would stall a GPU); on_nonfinite=skip reads every step before it is taken
+    bad_at = torch.zeros((), dtype=torch.long, device=exp.device)
+    bad_ok = torch.ones(2, dtype=torch.bool, device=exp.device)
     show = progress and main  # only rank 0 shows a progress bar
     bar = tqdm(
         total=total, initial=start, desc=cfg.get("preset", "train"), disable=not show,
@@ -132,15 +177,31 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
             metrics, (over, stop) = world.reduce_step(
                 maml, metrics, weight, (over, flag["stop"] is not None), f"iteration {it + 1}"
             )
-            opt.step()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
+            ok = _finite(metrics, maml)
             done = it + 1
+            if skip and not bool(ok.all()):
+                skipped += 1  # no optimizer step, and the step's metrics are not averaged
+            else:
+                if not skip:
+                    fresh = (bad_at == 0) & ~ok.all()
+                    bad_at = torch.where(fresh, done, bad_at)
+                    bad_ok = torch.where(fresh, ok, bad_ok)
+                opt.step()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
             if over:
                 total = done  # the wall-time budget is spent: this is the last iteration
+            boundary = (
+                done % log_every == 0 or done == total or stop or done % ckpt_every == 0
+                or (val_every and done % val_every == 0)
+            )  # fmt: skip
+            if boundary and not skip and int(bad_at):
+                bar.close()  # nothing more is logged, validated or checkpointed
+                raise _diverged(cfg, run, int(bad_at), bad_ok)
             row: dict[str, Any] = {}
-            if done % log_every == 0 or done == total:
+            logged = done % log_every == 0 or done == total
+            if logged:
                 row = {k: float(sums[k]) / count for k in sums}
                 sums, count = {}, 0
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()}, refresh=False)
@@ -151,11 +212,13 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 if score is not None and (best is None or score > best):
                     best = score
                     run.save({"model": maml.state_dict(), "iteration": done, "score": score}, BEST)
-            if row:
+            if logged or row:
                 now = time.perf_counter()
                 elapsed, tick = elapsed + now - tick, now
                 full = {"iteration": done, "elapsed_s": round(elapsed, 3)}
                 full.update({k: row.get(k, "") for k in fields[2:]})
+                if skip:
+                    full["nonfinite_skipped"] = skipped
                 if main:
                     run.append_metrics(full)
             bar.update(1)
