@@ -18,8 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 from torch.func import grad
+from torch.utils.checkpoint import checkpoint
 
 from .functional import LossFn, forward, to_channels_last
+from .inner import State
 from .spec import Hyper, Params, Spec
 
 Loss = Callable[[Params], Tensor]
@@ -84,13 +86,21 @@ def adapt(
     names = spec.adapts
     state = spec.rule.init({k: params[k] for k in names})
     trail: list[Params] = []
-    for k in range(steps):
+
+    def step(params: Params, state: State, k: int) -> tuple[Params, State]:
         grads = _inner_grads(loss, params, names, create, autograd)
         direction, state = spec.rule.direction(grads, state, k)
         params = dict(params)
         for n in names:
             rate = spec.rate(n, k, hyper) if lr is None or spec.learn_lr else lr
             params[n] = params[n] - rate * direction[n]
+        return params, state
+
+    for k in range(steps):
+        if spec.checkpoint and create and autograd:  # recomputed in the backward pass
+            params, state = checkpoint(step, params, state, k, use_reentrant=False)
+        else:
+            params, state = step(params, state, k)
         if every_step:
             trail.append(params)
     return trail if every_step else params

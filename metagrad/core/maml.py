@@ -16,7 +16,7 @@ from .executors import Data, Problem, check_batch
 from .functional import LossFn
 from .inner import SGD, UpdateRule
 from .spec import AdaptArg, Hyper, Params, Spec
-from .strategy import Verdict, channels_last_query, check_compile, choose
+from .strategy import Verdict, channels_last_query, check_model, choose
 
 
 class MAML(nn.Module):
@@ -44,6 +44,7 @@ class MAML(nn.Module):
         compile: ``meta_backward`` as a compiled ``torch.func.grad``, checked once per graph
             against eager autograd; ``None`` compiles on CUDA and falls back to eager.
         channels_last: per-task query passes in ``channels_last`` (``None``: CPU conv nets).
+        checkpoint: recompute each inner step in backward (memory of one step; exact, eager).
     """
 
     def __init__(
@@ -52,15 +53,16 @@ class MAML(nn.Module):
         step_weights: Sequence[float] | Tensor | None = None,
         inner_optimizer: UpdateRule | None = None, vectorize: bool | str | None = None,
         compile: bool | None = False, channels_last: bool | None = None,
+        checkpoint: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        specs.check_arguments(inner_lr, inner_steps, inner_optimizer, vectorize)
-        check_compile(model, compile)
+        specs.check_arguments(inner_lr, inner_steps, inner_optimizer, vectorize, checkpoint, compile)  # fmt: skip
+        check_model(model, compile, checkpoint)
         self.model, self.loss_fn = model, loss_fn
         self.inner_lr, self.inner_steps, self.first_order = float(inner_lr), int(inner_steps), bool(first_order)  # fmt: skip
         self.learn_lr = specs.check_learn_lr(learn_lr)
         self.inner_optimizer = inner_optimizer or SGD()
-        self.vectorize, self.channels_last = vectorize, channels_last
+        self.vectorize, self.channels_last, self.checkpoint = False if checkpoint else vectorize, channels_last, bool(checkpoint)  # fmt: skip
         self.register_buffer("_weights", None, persistent=False)
         params: Params = dict(model.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
@@ -96,7 +98,7 @@ class MAML(nn.Module):
         return Spec(
             self.adapts, self.inner_steps if steps is None else steps, self.inner_lr,
             self.first_order if first_order is None else first_order, self.learn_lr,
-            self.inner_optimizer, self._weights is not None,
+            self.inner_optimizer, self._weights is not None, self.checkpoint,
         )  # fmt: skip
 
     def learned_lrs(self) -> dict[str, nn.Parameter]:
@@ -118,9 +120,7 @@ class MAML(nn.Module):
         return self._verdicts[key]
 
     def _channels_last(self, query_x: Tensor) -> bool:
-        if self.channels_last is None:
-            return channels_last_query(self.model, query_x)
-        return self.channels_last and query_x.dim() == 5
+        return channels_last_query(self.model, query_x) if self.channels_last is None else bool(self.channels_last and query_x.dim() == 5)  # fmt: skip
 
     def task_losses(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                     *, steps: int | None = None, first_order: bool | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip

@@ -44,6 +44,8 @@ class Spec:
             parameter tensor and step, MAML++ LSLR).
         rule: the update rule (:mod:`metagrad.core.inner`).
         multi_step: the outer loss is a weighted sum of the query losses after each step.
+        checkpoint: each second-order inner step is recomputed in the backward pass instead
+            of kept (``torch.utils.checkpoint``): memory of one step, one more forward.
     """
 
     adapts: tuple[str, ...]
@@ -53,6 +55,7 @@ class Spec:
     learn_lr: str | None = None
     rule: UpdateRule = field(default_factory=SGD)
     multi_step: bool = False
+    checkpoint: bool = False
 
     def rate(self, name: str, step: int, hyper: Hyper) -> float | Tensor:
         """The inner rate of parameter ``name`` at step ``step`` (0-based). Per-step rates
@@ -94,8 +97,12 @@ def select(names: Iterable[str], adapt: AdaptArg, trainable: set[str]) -> tuple[
     return tuple(chosen)
 
 
-def check_arguments(inner_lr: float, inner_steps: int, rule: object, vectorize: object) -> None:
+def check_arguments(inner_lr: float, inner_steps: int, rule: object, vectorize: object,
+                    checkpoint: bool = False, compile: bool | None = False) -> None:  # fmt: skip
     """One clear error for each bad learner argument."""
+    if checkpoint and (vectorize not in (None, False) or compile):
+        raise ValueError("checkpoint=True runs tasks one by one, eagerly: vectorize must be "
+                         "None or False and compile False")  # fmt: skip
     if vectorize not in (None, True, False, "support"):
         raise ValueError(f"vectorize must be None, True, False or 'support', got {vectorize!r}")
     if inner_steps < 0:

@@ -73,13 +73,20 @@ def static_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def check_compile(model: nn.Module, compile: bool | None) -> None:
+def check_model(model: nn.Module, compile: bool | None, checkpoint: bool = False) -> None:
+    """Refuse options the model cannot run exactly with."""
     blocker = static_blocker(model)
     if compile and blocker is not None:
         raise ValueError(
             "compile=True needs a model that runs under torch.func transforms without "
             f"in-place buffer updates, and this one does not: {blocker}"
         )
+    # recomputing a step would update BatchNorm running statistics a second time
+    if checkpoint and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                          for m in model.modules()):  # fmt: skip
+        raise ValueError("checkpoint=True recomputes each inner step, which would update "
+                         "BatchNorm running statistics twice: build the norms with "
+                         "track_running_stats=False (as the paper's networks)")  # fmt: skip
 
 
 def cheap_under_vmap(model: nn.Module, device: torch.device) -> bool:
