@@ -253,6 +253,10 @@ def test_cli_nproc_end_to_end(tmp_path, one_thread):
     single = train(experiment_for(load_toml(out / "config.toml")), fresh_run(tmp_path / "one"),
                    progress=False)  # fmt: skip
     assert_params_close(load(out / "checkpoint.pt")["model"], single.state_dict())
+    # one writer: while another process holds the directory, a --nproc run is refused
+    with Run(out).lock():
+        busy = cli("train", "sinusoid", "--nproc", "2", "--out", str(out), "--set", "iterations=60")
+    assert_one_line_error(busy, f"process {os.getpid()}", "another --out")
 
 
 def test_world_from_env_and_checks():

@@ -25,7 +25,9 @@ def built(name: str, *sets: str) -> mg.MAML:
 def test_algorithm_keys_reach_the_learner(name):
     maml = built(name)
     assert maml.learn_lr is None and not maml.first_order and maml.step_weights is None
-    assert set(maml.adapts) == {n for n, _ in maml.model.named_parameters()}
+    # the default: every parameter but the normalisation layers' (the MLP has none)
+    assert set(maml.adapts) == set(built(name, "adapt=no-norm").adapts)
+    assert set(built(name, "adapt=all").adapts) == {n for n, _ in maml.model.named_parameters()}
     assert built(name, "algorithm=fomaml").first_order
     anil = built(name, "algorithm=anil")
     last = [n for n, _ in anil.model.named_parameters()][-2:]  # the last layer's weight, bias
@@ -65,7 +67,7 @@ def test_no_norm_adapts_everything_but_the_norm_layers():
         (["adapt=nothing"], "selects no parameter of the model"),
         (["inner_optimizer=rmsprop"], "bad value 'rmsprop' for inner_optimizer"),
         (["inner_optimizer=momentum", "inner_momentum=1.5"], "momentum must be in"),
-        (["algorithm=anil", "adapt=no-norm"], "algorithm=anil adapts the head only"),
+        (["algorithm=anil", "adapt=all"], "algorithm=anil adapts the head only"),
         (
             ["algorithm=metasgd", "learn_lr=per-layer-per-step"],
             "algorithm=metasgd learns per-parameter",
