@@ -13,15 +13,15 @@ over tasks (row ``i`` of the gradient is task ``i``'s), which is how meta-RL bat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad
-from torch.utils.checkpoint import checkpoint
 
 from .functional import LossFn, forward, to_channels_last
 from .inner import State
+from .recompute import recomputed
 from .spec import Hyper, Params, Spec
 
 Loss = Callable[[Params], Tensor]
@@ -87,7 +87,7 @@ def adapt(
     state = spec.rule.init({k: params[k] for k in names})
     trail: list[Params] = []
 
-    def step(params: Params, state: State, k: int) -> tuple[Params, State]:
+    def step(params: Params, state: State, k: int, hyper: Hyper, create: bool) -> tuple[Params, State]:  # fmt: skip
         grads = _inner_grads(loss, params, names, create, autograd)
         direction, state = spec.rule.direction(grads, state, k)
         params = dict(params)
@@ -97,13 +97,42 @@ def adapt(
         return params, state
 
     for k in range(steps):
-        if spec.checkpoint and create and autograd:  # recomputed in the backward pass
-            params, state = checkpoint(step, params, state, k, use_reentrant=False)
+        if spec.checkpoint and create and autograd:  # the step's graph rebuilt in backward
+            params, state = _checkpointed(step, names, params, state, k, hyper)
         else:
-            params, state = step(params, state, k)
+            params, state = step(params, state, k, hyper, create)
         if every_step:
             trail.append(params)
     return trail if every_step else params
+
+
+def _checkpointed(step: Callable[..., tuple[Params, State]], names: tuple[str, ...], params: Params,
+                  state: State, k: int, hyper: Hyper) -> tuple[Params, State]:  # fmt: skip
+    """``step`` through :func:`~.recompute.recomputed`: its inputs flattened (parameters,
+    rule state, learned rates), its outputs (adapted parameters, new state) unflattened."""
+    pnames, rnames = list(params), list(hyper.rates)
+    shape = [(n, len(v)) for n, v in state.items()]
+    out_shape: list[tuple[str, int]] = []
+
+    def unflatten_state(flat: Sequence[Tensor], layout: list[tuple[str, int]]) -> State:
+        out, i = {}, 0
+        for n, m in layout:
+            out[n], i = tuple(flat[i : i + m]), i + m
+        return out
+
+    def fn(flat: Sequence[Tensor], create: bool) -> list[Tensor]:
+        n_p, n_s = len(pnames), sum(m for _, m in shape)
+        p = dict(zip(pnames, flat[:n_p], strict=True))
+        st = unflatten_state(flat[n_p : n_p + n_s], shape)
+        r = dict(zip(rnames, flat[n_p + n_s :], strict=True))
+        new_p, new_s = step(p, st, k, Hyper(r, hyper.weights), create)
+        out_shape[:] = [(n, len(v)) for n, v in new_s.items()]
+        return [*(new_p[n] for n in names), *(t for v in new_s.values() for t in v)]
+
+    flat = [*params.values(), *(t for v in state.values() for t in v), *hyper.rates.values()]
+    out = recomputed(fn, flat)
+    adapted = dict(params) | dict(zip(names, out[: len(names)], strict=True))
+    return adapted, unflatten_state(out[len(names) :], out_shape)
 
 
 def support_loss(model: nn.Module, loss_fn: LossFn, buffers: Params, x: Tensor, y: Tensor) -> Loss:

@@ -44,8 +44,8 @@ class Spec:
             parameter tensor and step, MAML++ LSLR).
         rule: the update rule (:mod:`metagrad.core.inner`).
         multi_step: the outer loss is a weighted sum of the query losses after each step.
-        checkpoint: each second-order inner step is recomputed in the backward pass instead
-            of kept (``torch.utils.checkpoint``): memory of one step, one more forward.
+        checkpoint: each second-order inner step's graph is rebuilt in the backward pass
+            instead of kept (:mod:`.recompute`): memory of one step's graph.
     """
 
     adapts: tuple[str, ...]
