@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     from .experiments import config as C
+    from .experiments.options import with_algorithm_defaults
 
     cfg = C.preset(args.preset)
     cfg["preset"] = args.preset
@@ -89,7 +90,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
         cfg = C.apply_overrides(cfg, [f"data_dir={args.data_dir}"])
     if args.seed is not None:
         cfg["seed"] = args.seed
-    return cfg
+    explicit = {s.split("=", 1)[0].strip() for s in args.set if "=" in s}
+    if args.config:
+        explicit |= set(C.load_toml(args.config))
+    return with_algorithm_defaults(cfg, explicit)
 
 
 def _requested(args: argparse.Namespace) -> dict:

@@ -97,3 +97,57 @@ def test_metasgd_run_saves_and_reloads_learned_rates(tmp_path):
     bad = cli("train", "sinusoid", "--out", str(tmp_path / "bad"), "--set", "learn_lr=often",
               check=False)  # fmt: skip
     assert_one_line_error(bad, "learn_lr")
+
+
+def resolved(name: str, *sets: str) -> dict:
+    from metagrad.cli import _parser, resolve_config
+
+    argv = ["train", name]
+    for s in sets:
+        argv += ["--set", s]
+    return resolve_config(_parser().parse_args(argv))
+
+
+def test_reptile_and_imaml_through_the_presets():
+    assert type(built("sinusoid", "algorithm=reptile")) is mg.Reptile
+    imaml = built("omniglot-5w1s", "algorithm=imaml", "lam=3", "cg_steps=7")
+    assert type(imaml) is mg.iMAML and (imaml.lam, imaml.cg_steps) == (3.0, 7)
+    # iMAML adapts every parameter (the authors' code adapts BatchNorm too)
+    assert set(imaml.adapts) == {n for n, _ in imaml.model.named_parameters()}
+    # --set algorithm=imaml brings the authors' Omniglot settings, unless set as well
+    cfg = resolved("omniglot-5w1s", "algorithm=imaml")
+    assert (cfg["inner_steps"], cfg["inner_lr"], cfg["eval_steps"]) == (16, 0.1, 16)
+    assert resolved("omniglot-5w1s", "algorithm=imaml", "inner_steps=4")["inner_steps"] == 4
+    assert resolved("omniglot-5w1s")["inner_steps"] == 1  # MAML keeps the preset's
+
+
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (["algorithm=imaml", "adapt=head"], "algorithm=imaml adapts every parameter"),
+        (["algorithm=imaml", "lam=0"], "lam > 0"),
+        (["algorithm=imaml", "cg_steps=0"], "cg_steps >= 1"),
+        (["algorithm=reptile", "learn_lr=per-parameter"], "Reptile does not take learn_lr"),
+        (["algorithm=reptile", "step_weights=1"], "Reptile does not take step_weights"),
+    ],
+)
+def test_bad_reptile_and_imaml_values(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        built("sinusoid", *sets)
+
+
+@pytest.mark.parametrize(("algorithm", "label"), [("reptile", "Reptile"), ("imaml", "iMAML")])
+def test_reptile_and_imaml_train_and_name_themselves(tmp_path, algorithm, label):
+    from metagrad.cli import main
+
+    threads = torch.get_num_threads()
+    out = tmp_path / algorithm
+    try:
+        code = main(["train", "sinusoid", "--out", str(out), "--set", "iterations=3",
+                     "--set", f"algorithm={algorithm}", "--set", "inner_steps=2",
+                     "--set", "eval_tasks=5", "--quiet"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assert json.loads((out / "eval.json").read_text())["algorithm"] == label
+    assert type(mg.load_run(str(out))).__name__ == label

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from ..algorithms import Reptile, iMAML
 from ..core import MAML, inner
 from ..errors import ConfigError
 
@@ -43,12 +44,15 @@ def compile_option(value: str | bool) -> bool | None:
 
 
 # ------------------------------------------------------------------ the algorithm family
-ALGORITHMS = {"maml": "MAML", "fomaml": "FOMAML", "anil": "ANIL", "metasgd": "Meta-SGD"}
+ALGORITHMS = {
+    "maml": "MAML", "fomaml": "FOMAML", "anil": "ANIL", "metasgd": "Meta-SGD",
+    "reptile": "Reptile", "imaml": "iMAML",
+}  # fmt: skip
 LEARN_LR = {"none": None, "per-parameter": "per-parameter", "per-layer-per-step": "per-layer-per-step"}  # fmt: skip
 
 # the config keys of the family, shared by the supervised presets
 FAMILY: dict[str, Any] = {
-    "algorithm": "maml",  # maml | fomaml | anil | metasgd
+    "algorithm": "maml",  # maml | fomaml | anil | metasgd | reptile | imaml
     # what adapts: no-norm (normalisation layers meta-learned only, as the original code;
     # measured not worse on Omniglot 5w1s, see README) | all | head | name prefixes "a,b"
     "adapt": "no-norm",
@@ -58,7 +62,24 @@ FAMILY: dict[str, Any] = {
     "inner_momentum": 0.9,
     "inner_betas": [0.9, 0.999],
     "inner_eps": 1e-8,
+    "lam": 2.0,  # iMAML: the proximal strength
+    "cg_steps": 5,  # iMAML: conjugate-gradient steps of the implicit meta-gradient
 }
+
+# The papers' settings, which --set algorithm=NAME brings with it for the keys not set too:
+# (experiment, algorithm) -> values. iMAML on Omniglot: the authors' 5-way 1-shot command
+# (aravindr93/imaml_dev: 16 inner steps at 0.1, lam 2, 5 CG steps, tested with 16 steps).
+ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("omniglot", "imaml"): {
+        "inner_steps": 16, "inner_lr": 0.1, "eval_steps": 16, "lam": 2.0, "cg_steps": 5,
+    },
+}  # fmt: skip
+
+
+def with_algorithm_defaults(cfg: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """``cfg`` with its algorithm's published settings for the keys not in ``explicit``."""
+    defaults = ALGORITHM_DEFAULTS.get((cfg.get("experiment", ""), cfg.get("algorithm", "")), {})
+    return dict(cfg) | {k: v for k, v in defaults.items() if k not in explicit}
 
 
 def _weights(values: Any) -> list[float]:
@@ -173,12 +194,21 @@ def algorithm_label(cfg: Mapping[str, Any]) -> str:
 
 
 def build_learner(model: nn.Module, loss_fn: Any, cfg: Mapping[str, Any], **kwargs: Any) -> MAML:
-    """The ``MAML`` of a config: its inner-loop keys, the family keys, and ``kwargs``
-    (execution strategy, compile); a value the learner refuses is a ``ConfigError``."""
+    """The learner of a config (``MAML``, or ``Reptile``/``iMAML``): its inner-loop keys,
+    the family keys, and ``kwargs`` (execution strategy, compile); a value the learner
+    refuses is a ``ConfigError``."""
+    algorithm = cfg.get("algorithm", "maml")
+    options = family_options(cfg, model)
+    cls: type[MAML] = MAML
+    if algorithm == "reptile":
+        cls = Reptile
+    elif algorithm == "imaml":
+        if cfg.get("adapt", "no-norm") not in ("no-norm", "all"):
+            raise ConfigError(f"algorithm=imaml adapts every parameter; adapt={cfg['adapt']!r} contradicts it")  # fmt: skip
+        cls, options["adapt"] = iMAML, None
+        options |= {"lam": cfg["lam"], "cg_steps": cfg["cg_steps"]}
     try:
-        return MAML(
-            model, loss_fn, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
-            **family_options(cfg, model), **kwargs,
-        )  # fmt: skip
+        return cls(model, loss_fn, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
+                   **options, **kwargs)  # fmt: skip
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
