@@ -219,6 +219,14 @@ def _train(args: argparse.Namespace, device: torch.device, world) -> int:
             lock.release()
 
 
+def _what(cfg: dict) -> str:
+    """What a run trains, for the start-up line: the algorithm, or a baseline's method."""
+    from .experiments.options import algorithm_label
+
+    method = cfg.get("method", "maml")
+    return algorithm_label(cfg) if method == "maml" and "algorithm" in cfg else method
+
+
 def _train_locked(args: argparse.Namespace, device: torch.device, world, cfg: dict, out: str,
                   resuming: bool) -> int:  # fmt: skip
     from .experiments.evaluation import evaluate_run, format_table
@@ -235,7 +243,7 @@ def _train_locked(args: argparse.Namespace, device: torch.device, world, cfg: di
             print(f"resuming {out}", file=sys.stderr)
         ranks = f" x {world.size} processes" if world.size > 1 else ""
         print(
-            f"training {args.preset} ({cfg.get('method', 'maml')}) into {out} on {device}{ranks}",
+            f"training {args.preset} ({_what(cfg)}) into {out} on {device}{ranks}",
             file=sys.stderr,
         )
     train(exp, run, progress=not args.quiet, world=world)

@@ -197,3 +197,67 @@ def test_one_writer_per_run_directory(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"process {first.pid}" in (out / "train.lock").read_text()
     assert train(out, "iterations=1") == 0
     assert f"process {os.getpid()}" in (out / "train.lock").read_text()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_meta_lr_schedules_follow_their_formula(schedule):
+    from metagrad.experiments.config import preset
+    from metagrad.experiments.registry import experiment_for
+
+    cfg = preset("sinusoid") | {"preset": "sinusoid", "iterations": 10, "lr_schedule": schedule}
+    exp = experiment_for(cfg)
+    opt = exp.optimizer(exp.build())
+    sched = exp.scheduler(opt)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lr0 = cfg["meta_lr"]
+    expect = [
+        lr0 * (1 - t / 10) if schedule == "linear" else lr0 * (1 + math.cos(math.pi * t / 10)) / 2
+        for t in range(10)
+    ]
+    assert lrs == pytest.approx(expect, rel=1e-12, abs=1e-15)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_a_scheduled_run_resumes_exactly(tmp_path):
+    """Crash at iteration 13 of 30 (cosine schedule, SGD), resume from the checkpoint at 10:
+    the same parameters and learning rate as a run straight through."""
+    from metagrad.experiments.config import preset
+    from metagrad.experiments.registry import experiment_for
+    from metagrad.experiments.training import train as train_loop
+
+    cfg = preset("sinusoid") | {
+        "preset": "sinusoid", "iterations": 30, "checkpoint_every": 10, "log_every": 10,
+        "lr_schedule": "cosine", "meta_optimizer": "sgd", "meta_lr": 0.01,
+    }  # fmt: skip
+    straight = train_loop(experiment_for(cfg), Run(tmp_path / "a"), progress=False)
+    crashing = experiment_for(cfg)
+    step, calls = crashing.train_step, []
+
+    def crash_at_13(maml, batch):
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return step(maml, batch)
+
+    crashing.train_step = crash_at_13
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(crashing, Run(tmp_path / "b"), progress=False)
+    assert Run(tmp_path / "b").load()["iteration"] == 10
+    resumed = train_loop(experiment_for(cfg), Run(tmp_path / "b"), progress=False)
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    lr = [Run(tmp_path / d).load()["optimizer"]["param_groups"][0]["lr"] for d in "ab"]
+    assert lr[0] == lr[1]
+
+
+def test_bad_outer_settings(tmp_path, capsys):
+    assert train(tmp_path / "a", "meta_optimizer=rmsprop") == 2
+    one_line_error(capsys, "meta_optimizer", "adam or sgd")
+    assert train(tmp_path / "b", "lr_schedule=step") == 2
+    one_line_error(capsys, "lr_schedule", "constant, linear or cosine")

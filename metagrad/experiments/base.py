@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler
 
 from ..core import MAML
 from ..errors import ConfigError
@@ -38,6 +39,10 @@ class Experiment:
             raise ConfigError(
                 f"bad value {cfg['method']!r} for method: choose one of {', '.join(self.methods)}"
             )
+        if cfg.get("meta_optimizer", "adam") not in ("adam", "sgd"):
+            raise ConfigError(f"bad value {cfg['meta_optimizer']!r} for meta_optimizer: choose adam or sgd")  # fmt: skip
+        if cfg.get("lr_schedule", "constant") not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"bad value {cfg['lr_schedule']!r} for lr_schedule: choose constant, linear or cosine")  # fmt: skip
         if cfg.get("on_nonfinite", "stop") not in ("stop", "skip"):
             raise ConfigError(
                 f"bad value {cfg['on_nonfinite']!r} for on_nonfinite: choose stop or skip"
@@ -65,7 +70,19 @@ class Experiment:
     def optimizer(self, maml: MAML) -> torch.optim.Optimizer:
         # fused: one kernel for all parameters instead of ~10 ops per tensor (for a small
         # model the per-tensor Python loop of the default costs as much as the meta-gradient)
+        if self.cfg.get("meta_optimizer", "adam") == "sgd":
+            return torch.optim.SGD(maml.parameters(), lr=self.cfg["meta_lr"])
         return torch.optim.Adam(maml.parameters(), lr=self.cfg["meta_lr"], fused=True)
+
+    def scheduler(self, opt: torch.optim.Optimizer) -> LRScheduler | None:
+        """The meta learning rate's schedule over ``iterations`` (stepped once per
+        iteration, saved in the checkpoint); None when constant."""
+        kind, total = self.cfg.get("lr_schedule", "constant"), max(self.cfg["iterations"], 1)
+        if kind == "linear":
+            return LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
+        if kind == "cosine":
+            return CosineAnnealingLR(opt, T_max=total)
+        return None
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float | Tensor]:
         """Compute the loss of one batch and backpropagate it (the caller steps).

@@ -31,32 +31,36 @@ from ..errors import ConfigError
 from ..models import FCNet, miniimagenet_conv4, omniglot_conv4
 from .base import Batch, Experiment
 from .config import register_preset
-from .options import FAMILY, algorithm_label, build_learner, compile_option, vectorize_option
+from .options import FAMILY, OUTER, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
 from .stats import mean_ci95
 
-COMMON: dict[str, Any] = FAMILY | {
-    "method": "maml",
-    "seed": 0,
-    "iterations": 60_000,
-    "meta_lr": 1e-3,
-    "first_order": False,
-    "vectorize": "auto",
-    # torch.compile the meta-gradient: auto = on CUDA (where it is ~3x faster), eager on CPU
-    "compile": "auto",
-    "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
-    "threads": 0,  # torch threads; 0: torch's default (all cores; cores / processes with --nproc)
-    "model": "conv4",
-    "data_dir": "",
-    "log_every": 50,
-    "checkpoint_every": 250,
-    "val_every": 500,
-    "val_tasks": 200,
-    "time_limit_min": 0.0,
-    "eval_tasks": 600,
-    "eval_queries": 15,
-    "eval_seed": 20_170_001,
-}
+COMMON: dict[str, Any] = (
+    FAMILY
+    | OUTER
+    | {
+        "method": "maml",
+        "seed": 0,
+        "iterations": 60_000,
+        "meta_lr": 1e-3,
+        "first_order": False,
+        "vectorize": "auto",
+        # torch.compile the meta-gradient: auto = on CUDA (where it is ~3x faster), eager on CPU
+        "compile": "auto",
+        "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
+        "threads": 0,  # torch threads; 0: torch's default (all cores; cores / processes with --nproc)
+        "model": "conv4",
+        "data_dir": "",
+        "log_every": 50,
+        "checkpoint_every": 250,
+        "val_every": 500,
+        "val_tasks": 200,
+        "time_limit_min": 0.0,
+        "eval_tasks": 600,
+        "eval_queries": 15,
+        "eval_seed": 20_170_001,
+    }
+)
 
 
 def _omniglot(

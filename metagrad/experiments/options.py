@@ -66,6 +66,12 @@ FAMILY: dict[str, Any] = {
     "cg_steps": 5,  # iMAML: conjugate-gradient steps of the implicit meta-gradient
 }
 
+# the outer loop: its optimizer, and the meta learning rate's schedule over `iterations`
+OUTER: dict[str, Any] = {
+    "meta_optimizer": "adam",  # adam | sgd (Reptile's paper: SGD at 1.0, linearly annealed)
+    "lr_schedule": "constant",  # constant | linear (to 0) | cosine (to 0)
+}
+
 # The papers' settings, which --set algorithm=NAME brings with it for the keys not set too:
 # (experiment, algorithm) -> values. iMAML on Omniglot: the authors' 5-way 1-shot command
 # (aravindr93/imaml_dev: 16 inner steps at 0.1, lam 2, 5 CG steps, tested with 16 steps).

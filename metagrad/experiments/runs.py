@@ -173,6 +173,7 @@ class Run:
         path = self.path / METRICS
         new = not path.exists()
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(row))
                 if new:

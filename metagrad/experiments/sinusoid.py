@@ -35,37 +35,41 @@ from ..models import MLP
 from ..tasks import SinusoidBatch, SinusoidTasks
 from .base import Batch, Experiment
 from .config import register_preset
-from .options import FAMILY, algorithm_label, build_learner, compile_option, vectorize_option
+from .options import FAMILY, OUTER, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
 from .stats import summarize_curves
 
-DEFAULTS: dict[str, Any] = {
-    "experiment": "sinusoid",
-    "method": "maml",
-    "seed": 0,
-    "iterations": 70_000,
-    "meta_batch": 25,
-    "shots": 10,
-    "queries": 10,
-    "hidden": [40, 40],
-    "inner_lr": 0.01,
-    "inner_steps": 1,
-    "first_order": False,
-    "meta_lr": 1e-3,
-    "vectorize": "auto",
-    "compile": "false",  # torch.compile the meta-gradient: true, false or auto (on CUDA)
-    "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
-    "threads": 1,  # torch threads; a tiny MLP runs fastest on one (0: torch's default)
-    "log_every": 100,
-    "checkpoint_every": 2000,
-    "eval_tasks": 600,
-    "eval_shots": [5, 10, 20],
-    "eval_steps": 10,
-    "eval_queries": 100,
-    "eval_seed": 20_170_000,
-    "finetune_lrs": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
-    "finetune_val_tasks": 200,
-} | FAMILY
+DEFAULTS: dict[str, Any] = (
+    {
+        "experiment": "sinusoid",
+        "method": "maml",
+        "seed": 0,
+        "iterations": 70_000,
+        "meta_batch": 25,
+        "shots": 10,
+        "queries": 10,
+        "hidden": [40, 40],
+        "inner_lr": 0.01,
+        "inner_steps": 1,
+        "first_order": False,
+        "meta_lr": 1e-3,
+        "vectorize": "auto",
+        "compile": "false",  # torch.compile the meta-gradient: true, false or auto (on CUDA)
+        "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
+        "threads": 1,  # torch threads; a tiny MLP runs fastest on one (0: torch's default)
+        "log_every": 100,
+        "checkpoint_every": 2000,
+        "eval_tasks": 600,
+        "eval_shots": [5, 10, 20],
+        "eval_steps": 10,
+        "eval_queries": 100,
+        "eval_seed": 20_170_000,
+        "finetune_lrs": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
+        "finetune_val_tasks": 200,
+    }
+    | FAMILY
+    | OUTER
+)
 
 register_preset(
     "sinusoid",

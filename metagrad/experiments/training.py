@@ -113,6 +113,7 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
     torch.manual_seed(cfg["seed"])
     maml = exp.build().to(exp.device)
     opt = exp.optimizer(maml)
+    schedule = exp.scheduler(opt)
     generator = torch.Generator().manual_seed(cfg["seed"])
     start, elapsed, best = 0, 0.0, None
     # rank 0 reads the checkpoint and hands it to the others (no shared disk needed)
@@ -122,6 +123,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
     if state is not None:
         maml.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if schedule is not None and state.get("scheduler") is not None:
+            schedule.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         _set_rng_state(state["rng"])
         start, elapsed, best = state["iteration"], state["elapsed_s"], state.get("best")
@@ -136,6 +139,7 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
             {
                 "model": maml.state_dict(),
                 "optimizer": opt.state_dict(),
+                "scheduler": None if schedule is None else schedule.state_dict(),
                 "generator": generator.get_state(),
                 "rng": _rng_state(),
                 "iteration": iteration,
@@ -190,6 +194,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
+            if schedule is not None:
+                schedule.step()  # per iteration, taken or skipped
             if over:
                 total = done  # the wall-time budget is spent: this is the last iteration
             boundary = (
