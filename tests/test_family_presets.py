@@ -119,6 +119,18 @@ def test_reptile_and_imaml_through_the_presets():
     assert (cfg["inner_steps"], cfg["inner_lr"], cfg["eval_steps"]) == (16, 0.1, 16)
     assert resolved("omniglot-5w1s", "algorithm=imaml", "inner_steps=4")["inner_steps"] == 4
     assert resolved("omniglot-5w1s")["inner_steps"] == 1  # MAML keeps the preset's
+    reptile = resolved("omniglot-5w1s", "algorithm=reptile", "meta_batch=8")
+    assert (reptile["meta_optimizer"], reptile["meta_lr"], reptile["lr_schedule"]) == (
+        "sgd",
+        1.0,
+        "linear",
+    )
+    assert (reptile["inner_optimizer"], reptile["inner_steps"], reptile["meta_batch"]) == (
+        "adam",
+        12,
+        8,
+    )
+    assert type(experiment_for(reptile).build()) is mg.Reptile
 
 
 @pytest.mark.parametrize(
