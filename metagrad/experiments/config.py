@@ -23,29 +23,24 @@ else:  # pragma: no cover
 
 Config = dict[str, Any]
 
-_PRESETS: dict[str, tuple[str, Config]] = {}
 
+def _table() -> dict[str, tuple[str, Config]]:
+    from .registry import PRESETS  # the experiments import this module: look up lazily
 
-def register_preset(name: str, description: str, config: Config) -> None:
-    _PRESETS[name] = (description, dict(config))
+    return PRESETS
 
 
 def presets() -> dict[str, str]:
     """Preset names and their one-line descriptions."""
-    _load_all()
-    return {name: desc for name, (desc, _) in sorted(_PRESETS.items())}
+    return {name: desc for name, (desc, _) in sorted(_table().items())}
 
 
 def preset(name: str) -> Config:
-    _load_all()
-    if name not in _PRESETS:
-        known = ", ".join(sorted(_PRESETS))
+    table = _table()
+    if name not in table:
+        known = ", ".join(sorted(table))
         raise ConfigError(f"unknown preset {name!r}; choose one of: {known}")
-    return dict(_PRESETS[name][1])
-
-
-def _load_all() -> None:
-    from . import registry  # noqa: F401  (registers the presets)
+    return dict(table[name][1])
 
 
 def _parse(key: str, text: str, default: Any) -> Any:

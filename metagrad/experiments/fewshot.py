@@ -30,7 +30,6 @@ from ..core import MAML
 from ..errors import ConfigError
 from ..models import FCNet, miniimagenet_conv4, omniglot_conv4
 from .base import Batch, Experiment
-from .config import register_preset
 from .options import FAMILY, OUTER, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
 from .stats import mean_ci95
@@ -81,7 +80,7 @@ def _mini(shots: int, batch: int):
     }  # fmt: skip
 
 
-PRESETS = {
+_PAPER = {
     "omniglot-5w1s": ("Omniglot 5-way 1-shot, conv4, batch 32, 1 step a=0.4 (3 at test)",
                       _omniglot(5, 1, 32, 1, 0.4, 3, 15)),
     "omniglot-5w5s": ("Omniglot 5-way 5-shot, conv4, batch 32, 1 step a=0.4 (3 at test)",
@@ -95,9 +94,11 @@ PRESETS = {
     "miniimagenet-5w5s": ("MiniImagenet 5-way 5-shot, conv4 32 filters, batch 2, 5 steps a=0.01",
                           _mini(5, 2)),
 }  # fmt: skip
-for _name, (_desc, _cfg) in list(PRESETS.items()):
-    register_preset(_name, _desc, _cfg)
-    register_preset(f"{_name}-fo", _desc + ", first order", _cfg | {"first_order": True})
+#: name -> (description, defaults); each also as NAME-fo, first order
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    **_PAPER,
+    **{f"{n}-fo": (d + ", first order", c | {"first_order": True}) for n, (d, c) in _PAPER.items()},
+}
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

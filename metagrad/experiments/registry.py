@@ -1,15 +1,19 @@
-"""Which experiment class runs a config (by its ``experiment`` key)."""
+"""The presets table, and which experiment class runs a config (by its ``experiment`` key)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import ConfigError
+from . import fewshot, rl, sinusoid
 from .base import Experiment
 from .config import Config, preset, presets
 from .fewshot import MiniImagenetExperiment, OmniglotExperiment
 from .rl import RLExperiment
 from .sinusoid import SinusoidExperiment
+
+#: every preset, by name: (description, defaults); a new experiment adds its table here
+PRESETS: dict[str, tuple[str, Config]] = {**sinusoid.PRESETS, **fewshot.PRESETS, **rl.PRESETS}
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     "sinusoid": SinusoidExperiment,

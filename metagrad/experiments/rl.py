@@ -42,7 +42,6 @@ import torch
 from ..core import MAML
 from ..errors import ConfigError
 from .base import Experiment
-from .config import register_preset
 from .runs import Run
 from .stats import mean_ci95
 
@@ -92,7 +91,8 @@ DEFAULTS: dict[str, Any] = {
 
 _LOCOMOTION = {"meta_batch": 40, "rollouts": 20, "horizon": 200, "inner_lr": 0.1}
 
-PRESETS = {
+#: name -> (description, defaults)
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "rl-nav2d": (
         "2D navigation, MAML-TRPO, 20 tasks x 20 paths, horizon 100, alpha=0.1 (paper 5.3)",
         DEFAULTS,
@@ -114,8 +114,6 @@ PRESETS = {
         DEFAULTS | _LOCOMOTION | {"env": "metagrad/AntDir-v0"},
     ),
 }
-for _name, (_desc, _cfg) in PRESETS.items():
-    register_preset(_name, _desc, _cfg)
 
 
 class NoOpOptimizer(torch.optim.Optimizer):

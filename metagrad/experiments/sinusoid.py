@@ -34,7 +34,6 @@ from ..core import MAML
 from ..models import MLP
 from ..tasks import SinusoidBatch, SinusoidTasks
 from .base import Batch, Experiment
-from .config import register_preset
 from .options import FAMILY, OUTER, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
 from .stats import summarize_curves
@@ -71,11 +70,13 @@ DEFAULTS: dict[str, Any] = (
     | OUTER
 )
 
-register_preset(
-    "sinusoid",
-    "sinusoid regression, MLP 1-40-40-1, K=10, 1 step alpha=0.01, 70k its (paper 5.1)",
-    DEFAULTS,
-)
+#: name -> (description, defaults)
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sinusoid": (
+        "sinusoid regression, MLP 1-40-40-1, K=10, 1 step alpha=0.01, 70k its (paper 5.1)",
+        DEFAULTS,
+    ),
+}
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
