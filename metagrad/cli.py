@@ -83,17 +83,20 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
     cfg = C.preset(args.preset)
     cfg["preset"] = args.preset
+    from_file = C.load_toml(args.config) if args.config else {}
     if args.config:
-        cfg = C.apply_mapping(cfg, C.load_toml(args.config), args.config)
+        cfg = C.apply_mapping(cfg, from_file, args.config)
     cfg = C.apply_overrides(cfg, args.set)
     if getattr(args, "data_dir", None):
         cfg = C.apply_overrides(cfg, [f"data_dir={args.data_dir}"])
     if args.seed is not None:
         cfg["seed"] = args.seed
-    explicit = {s.split("=", 1)[0].strip() for s in args.set if "=" in s}
-    if args.config:
-        explicit |= set(C.load_toml(args.config))
-    return with_algorithm_defaults(cfg, explicit)
+    return with_algorithm_defaults(cfg, _set_keys(args) | set(from_file))
+
+
+def _set_keys(args: argparse.Namespace) -> set[str]:
+    """The keys given with ``--set``."""
+    return {s.split("=", 1)[0].strip() for s in args.set if "=" in s}
 
 
 def _requested(args: argparse.Namespace) -> dict:
@@ -103,7 +106,7 @@ def _requested(args: argparse.Namespace) -> dict:
     full = resolve_config(args)
     base = C.preset(args.preset)
     asked = {k for k in full if k not in base or full[k] != base[k]}
-    asked |= {s.split("=", 1)[0].strip() for s in args.set if "=" in s}
+    asked |= _set_keys(args)
     if args.config:
         asked |= set(C.load_toml(args.config))
     if args.data_dir:

@@ -24,6 +24,7 @@ from ..core import MAML, linalg
 from ..core.adapt import adapt, support_loss
 from ..core.executors import check_batch, tasks
 from ..core.functional import LossFn, forward
+from .common import add_to_grad, refuse
 
 
 class iMAML(MAML):  # noqa: N801  (the paper's name)
@@ -34,10 +35,8 @@ class iMAML(MAML):  # noqa: N801  (the paper's name)
         self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.1, inner_steps: int = 16,
         lam: float = 2.0, cg_steps: int = 5, **kwargs: Any,
     ) -> None:  # fmt: skip
-        for key in ("learn_lr", "step_weights", "first_order", "compile", "adapt"):
-            if kwargs.get(key):
-                raise TypeError(f"iMAML does not take {key}= (its meta-gradient is implicit)")
-            kwargs.pop(key, None)
+        keys = ("learn_lr", "step_weights", "first_order", "compile", "adapt")
+        refuse("iMAML", kwargs, keys, "its meta-gradient is implicit")
         if not lam > 0:
             raise ValueError(f"iMAML needs lam > 0 (the proximal strength), got {lam}")
         if cg_steps < 1:
@@ -105,9 +104,6 @@ class iMAML(MAML):  # noqa: N801  (the paper's name)
                 acc += part / n
             losses.append(loss)
             outs.append(out)
-        with torch.no_grad():
-            for k, g in zip(self.adapts, total, strict=True):
-                p = params[k]
-                p.grad = g if p.grad is None else p.grad + g
+        add_to_grad(params, dict(zip(self.adapts, total, strict=True)))
         loss = torch.stack(losses).mean()
         return (loss, torch.stack(outs)) if return_outputs else loss

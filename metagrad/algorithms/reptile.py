@@ -18,6 +18,7 @@ from ..core.adapt import adapt, outer_loss, support_loss
 from ..core.executors import batched_adapt, check_batch, tasks
 from ..core.functional import LossFn
 from ..core.spec import Hyper, Params
+from .common import add_to_grad, refuse
 
 
 class Reptile(MAML):
@@ -28,10 +29,8 @@ class Reptile(MAML):
         self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.001, inner_steps: int = 5,
         **kwargs: Any,
     ) -> None:  # fmt: skip
-        for key in ("learn_lr", "step_weights", "first_order", "compile"):
-            if kwargs.get(key):
-                raise TypeError(f"Reptile does not take {key}= (its meta-gradient is first order)")
-            kwargs.pop(key, None)
+        keys = ("learn_lr", "step_weights", "first_order", "compile")
+        refuse("Reptile", kwargs, keys, "its meta-gradient is first order")
         if inner_steps < 1:
             raise ValueError(f"Reptile needs inner_steps >= 1, got {inner_steps}")
         super().__init__(model, loss_fn, inner_lr, inner_steps, first_order=True, **kwargs)
@@ -69,11 +68,8 @@ class Reptile(MAML):
         check_batch(support_x, support_y, query_x, query_y)
         fast = self.adapted(support_x, support_y)
         params = self._params()
+        add_to_grad(params, {k: params[k].detach() - fast[k].mean(0) for k in self.adapts})
         with torch.no_grad():
-            for name in self.adapts:
-                p = params[name]
-                g = p.detach() - fast[name].mean(0)
-                p.grad = g if p.grad is None else p.grad + g
             buffers, plain = dict(self.model.named_buffers()), Hyper({}, None)
             losses, outs = [], []
             for t, (qx, qy) in enumerate(zip(query_x, query_y, strict=True)):

@@ -16,6 +16,13 @@ from .runs import BEST, CHECKPOINT, Run
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 
+# training-loop keys with a fixed set of values
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "meta_optimizer": ("adam", "sgd"),
+    "lr_schedule": ("constant", "linear", "cosine"),
+    "on_nonfinite": ("stop", "skip"),
+}
+
 
 class Experiment:
     """Builds the model for a config, samples batches, and takes one meta-training step.
@@ -39,14 +46,10 @@ class Experiment:
             raise ConfigError(
                 f"bad value {cfg['method']!r} for method: choose one of {', '.join(self.methods)}"
             )
-        if cfg.get("meta_optimizer", "adam") not in ("adam", "sgd"):
-            raise ConfigError(f"bad value {cfg['meta_optimizer']!r} for meta_optimizer: choose adam or sgd")  # fmt: skip
-        if cfg.get("lr_schedule", "constant") not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"bad value {cfg['lr_schedule']!r} for lr_schedule: choose constant, linear or cosine")  # fmt: skip
-        if cfg.get("on_nonfinite", "stop") not in ("stop", "skip"):
-            raise ConfigError(
-                f"bad value {cfg['on_nonfinite']!r} for on_nonfinite: choose stop or skip"
-            )
+        for key, choices in _CHOICES.items():  # the first choice is the default
+            if cfg.get(key, choices[0]) not in choices:
+                listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+                raise ConfigError(f"bad value {cfg[key]!r} for {key}: choose {listed}")
         for key in ("iterations", "meta_batch"):
             if key in cfg and cfg[key] < 1 and not (key == "iterations" and cfg[key] == 0):
                 raise ConfigError(f"bad value {cfg[key]!r} for {key}: must be >= 1")

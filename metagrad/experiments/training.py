@@ -198,20 +198,19 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 schedule.step()  # per iteration, taken or skipped
             if over:
                 total = done  # the wall-time budget is spent: this is the last iteration
-            boundary = (
-                done % log_every == 0 or done == total or stop or done % ckpt_every == 0
-                or (val_every and done % val_every == 0)
-            )  # fmt: skip
-            if boundary and not skip and int(bad_at):
+            logged = done % log_every == 0 or done == total
+            val_due = bool(val_every) and (done % val_every == 0 or done == total)
+            saving = done % ckpt_every == 0 and done != total
+            # the same on every rank, so that all of them stop at the same iteration
+            if (logged or val_due or saving or stop) and not skip and int(bad_at):
                 bar.close()  # nothing more is logged, validated or checkpointed
                 raise _diverged(cfg, run, int(bad_at), bad_ok)
             row: dict[str, Any] = {}
-            logged = done % log_every == 0 or done == total
             if logged:
                 row = {k: float(sums[k]) / count for k in sums}
                 sums, count = {}, 0
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()}, refresh=False)
-            if main and val_every and (done % val_every == 0 or done == total):
+            if main and val_due:
                 val = exp.validate(maml)
                 row.update(val)
                 score = val.get(exp.select_metric) if exp.select_metric else None
@@ -228,7 +227,7 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 if main:
                     run.append_metrics(full)
             bar.update(1)
-            if done % ckpt_every == 0 and done != total:
+            if saving:
                 elapsed, tick = elapsed + time.perf_counter() - tick, time.perf_counter()
                 checkpoint(done)
             if done == total:
