@@ -100,12 +100,12 @@ def test_metasgd_run_saves_and_reloads_learned_rates(tmp_path):
 
 
 def resolved(name: str, *sets: str) -> dict:
-    from metagrad.cli import _parser, resolve_config
+    import argparse
 
-    argv = ["train", name]
-    for s in sets:
-        argv += ["--set", s]
-    return resolve_config(_parser().parse_args(argv))
+    from metagrad.cli import resolve_config
+
+    args = argparse.Namespace(preset=name, set=list(sets), config=None, data_dir=None, seed=None)
+    return resolve_config(args)
 
 
 def test_reptile_and_imaml_through_the_presets():
