@@ -48,7 +48,7 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt benchmarks/constraint
 
 # All configs, second order, sizes that take about 10 minutes on 2 cores (MAML).
 # The family, one algorithm per run: make bench BENCH_ARGS="--algorithm metasgd"
-# (metasgd | anil | maml-adam; e.g. BENCH_ARGS="--config sinusoid --algorithm anil --rounds 4").
+# (metasgd | anil | maml-adam | imaml; e.g. BENCH_ARGS="--config sinusoid --algorithm anil --rounds 4").
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/bench_maml.py --config all $(BENCH_ARGS)
 

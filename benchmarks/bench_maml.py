@@ -1,7 +1,7 @@
 """Time one MAML meta-iteration (meta-loss, backward, Adam step) with metagrad and its peers.
 
 Run: ``python benchmarks/bench_maml.py --config sinusoid|omniglot-5w1s|omniglot-20w1s|mini-5w1s|all
-[--algorithm maml|metasgd|anil|maml-adam] [--iters N] [--rounds R] [--first-order]
+[--algorithm maml|metasgd|anil|maml-adam|imaml] [--iters N] [--rounds R] [--first-order]
 [--device cpu|cuda] [--threads T] [--libs a,b]`` (``make bench`` runs all configs in
 ``.bench-venv``, where the peers are installed).
 
@@ -10,7 +10,12 @@ that can express it (``maml_libs.LIBS_BY_ALGORITHM``): ``metasgd`` (learned per-
 inner rates: the check covers the meta-gradient of the weights and of the rates), ``anil``
 (only the head adapts) and ``maml-adam`` (inner Adam; a peer that fails the check is compared
 with known variants of the Adam formula, ``maml_libs.VARIANTS``, and the report names the one
-it matches). The outer optimizer updates the learned rates too.
+it matches) and ``imaml`` (implicit MAML: TorchOpt's implicit differentiation,
+``torchopt.diff.implicit.custom_root`` with its CG solver, against metagrad's ``iMAML``; the
+iMAML authors' lam 2 and 5 CG steps; on the Omniglot configs their 16 inner steps at 0.1,
+because the configs' single MAML step at 0.4 leaves the proximal problem far from solved,
+which the implicit gradient assumes, elsewhere the config's steps and rate; no first order).
+The outer optimizer updates the learned rates too.
 
 For each config every library gets the same initial weights (one seeded model, deep-copied)
 and the same pre-sampled task batches (random images: only the time matters). First each
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -44,7 +50,10 @@ from maml_libs import (
     ALGORITHMS,
     B1,
     B2,
+    CG_STEPS,
+    CG_TOL,
     EPS,
+    LAM,
     LIBS_BY_ALGORITHM,
     VARIANT_LEGEND,
     VARIANTS,
@@ -90,9 +99,20 @@ POOL = 3  # distinct pre-sampled batches, cycled
 ADAM_LR = 0.01
 
 
+# iMAML on Omniglot: the authors' inner loop (16 steps at 0.1), metagrad's iMAML defaults
+IMAML_OMNIGLOT_LR, IMAML_OMNIGLOT_STEPS = 0.1, 16
+
+
 def inner_lr(cfg: Config, algorithm: str) -> float:
     """The inner step size (Meta-SGD: the learned rates' start value)."""
+    if algorithm == "imaml" and cfg.kind == "omniglot":
+        return IMAML_OMNIGLOT_LR
     return min(cfg.lr, ADAM_LR) if algorithm == "maml-adam" else cfg.lr
+
+
+def inner_steps(cfg: Config, algorithm: str) -> int:
+    """The number of inner steps."""
+    return IMAML_OMNIGLOT_STEPS if algorithm == "imaml" and cfg.kind == "omniglot" else cfg.steps
 
 
 def build(
@@ -131,13 +151,13 @@ Grads = tuple[list[Tensor], list[Tensor]]  # (the model's parameters', the learn
 
 
 def _meta_grads(
-    factory: object, base: nn.Module, loss_fn: LossFn, lr: float, cfg: Config, first_order: bool,
+    factory: object, base: nn.Module, loss_fn: LossFn, lr: float, steps: int, first_order: bool,
     batch: Batch,
 ) -> tuple[object, Grads | str]:  # fmt: skip
     """Run one library's step on a copy of ``base``: ``(step, grads)``, or ``(step, why)``
     when some meta-gradient is missing."""
     model = copy.deepcopy(base)
-    step = factory(model, loss_fn, lr, cfg.steps, first_order)  # type: ignore[operator]
+    step = factory(model, loss_fn, lr, steps, first_order)  # type: ignore[operator]
     step(batch)
     rates = list(getattr(step, "rates", []))
     weights = [p.grad for p in model.parameters()]
@@ -188,13 +208,14 @@ def grad_check(
     on ``device``. A failing peer is compared with the algorithm's known variants too."""
     base, loss_fn, (batch,) = build(cfg, seed, torch.float64, device, 1, tasks)
     entries, lr = LIBS_BY_ALGORITHM[algorithm], inner_lr(cfg, algorithm)
+    steps = inner_steps(cfg, algorithm)
     ref: Grads | None = None
     variants: dict[str, Grads | str] = {}
     out: dict[str, str] = {}
     strategy = "?"
     for lib in ["metagrad", *(x for x in libs if x != "metagrad")]:
         try:
-            step, grads = _meta_grads(entries[lib][1], base, loss_fn, lr, cfg, first_order, batch)
+            step, grads = _meta_grads(entries[lib][1], base, loss_fn, lr, steps, first_order, batch)
         except NotImplementedError as e:
             out[lib] = f"n/a ({e})"
             continue
@@ -203,8 +224,11 @@ def grad_check(
             continue
         if lib == "metagrad":
             assert isinstance(step, Metagrad)  # the verdict is cached: no second check
-            verdict = step.maml.strategy(batch, steps=cfg.steps, first_order=first_order)
-            strategy = f"{verdict.name} ({verdict.reason})"
+            if algorithm == "imaml":  # no executor choice: a linear system per task
+                strategy = "loop (iMAML.meta_backward runs its tasks one by one)"
+            else:
+                verdict = step.maml.strategy(batch, steps=steps, first_order=first_order)
+                strategy = f"{verdict.name} ({verdict.reason})"
             if isinstance(grads, str):
                 out[lib] = f"FAIL ({grads})"
                 continue
@@ -219,7 +243,7 @@ def grad_check(
             continue
         ok, text = compare(ref, grads)
         if not ok and algorithm in VARIANTS:
-            text += "; " + _which_variant(variants, algorithm, grads, base, loss_fn, lr, cfg,
+            text += "; " + _which_variant(variants, algorithm, grads, base, loss_fn, lr, steps,
                                           first_order, batch)  # fmt: skip
         out[lib] = f"{'PASS' if ok else 'FAIL'} ({text})"
     return out, strategy
@@ -227,14 +251,14 @@ def grad_check(
 
 def _which_variant(
     cache: dict[str, Grads | str], algorithm: str, grads: Grads, base: nn.Module, loss_fn: LossFn,
-    lr: float, cfg: Config, first_order: bool, batch: Batch,
+    lr: float, steps: int, first_order: bool, batch: Batch,
 ) -> str:  # fmt: skip
     """Which known variants of the algorithm's formula ``grads`` match (NaN where NaN; all
     of them: where NaN hides the other entries, more than one may)."""
     found = []
     for name, factory in VARIANTS[algorithm].items():
         if name not in cache:
-            cache[name] = _meta_grads(factory, base, loss_fn, lr, cfg, first_order, batch)[1]
+            cache[name] = _meta_grads(factory, base, loss_fn, lr, steps, first_order, batch)[1]
         want = cache[name]
         if isinstance(want, str):
             continue
@@ -282,7 +306,8 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
     base, loss_fn, batches = build(cfg, args.seed, torch.float32, args.device, POOL)
     model = copy.deepcopy(base)
     factory = LIBS_BY_ALGORITHM[args.algorithm][args.worker][1]
-    step = factory(model, loss_fn, inner_lr(cfg, args.algorithm), cfg.steps, args.first_order)
+    lr, steps = inner_lr(cfg, args.algorithm), inner_steps(cfg, args.algorithm)
+    step = factory(model, loss_fn, lr, steps, args.first_order)
     # the same for everyone; Meta-SGD's learned rates are meta-parameters too
     opt = torch.optim.Adam(meta_parameters(model, step), lr=1e-3, fused=True)
     rss0, times, first = _status_mib("VmRSS"), [], float("nan")
@@ -353,7 +378,7 @@ def report(name: str, args: argparse.Namespace, res: dict) -> str:
         f"({'first' if args.first_order else 'second'} order)",
         "",
         f"{cfg.tasks} tasks x {cfg.ways}-way {cfg.shots}-shot, {cfg.queries} query, "
-        f"{cfg.steps} inner step(s), alpha {inner_lr(cfg, args.algorithm)}; "
+        f"{inner_steps(cfg, args.algorithm)} inner step(s), alpha {inner_lr(cfg, args.algorithm)}; "
         f"{res['iters']} timed iters x "
         f"{res['rounds']} rounds (+{res['warmup']} warm-up per round), interleaved; "
         f"device {args.device}, torch.set_num_threads({args.threads}).",
@@ -503,6 +528,19 @@ def algorithm_notes(cfg: Config, algorithm: str) -> list[str]:
             "differences of the Adam formula: "
             + "; ".join(f"{k}: {v}" for k, v in VARIANT_LEGEND[algorithm].items()),
         ]
+    if algorithm == "imaml":
+        steps = inner_steps(cfg, algorithm)
+        where = "the authors' Omniglot setting" if cfg.kind == "omniglot" else "the config's"
+        return [
+            f"iMAML: {steps} gradient step(s) at {lr} ({where}) on L_support + lam/2 "
+            f"|phi - theta|^2 from theta, lam {LAM}; meta-gradient mean_t lam (H_t + lam I)^-1 "
+            f"grad L_query(phi_t) by {CG_STEPS} CG iterations from 0 (early stop r.r < "
+            f"{CG_TOL:g} on that system)",
+            "TorchOpt: custom_root solves (H + lam I)^T u = -grad L_query and returns -lam u, "
+            f"so its CG runs with rtol=0, atol={math.sqrt(CG_TOL) / LAM:g} (the same early stop; "
+            "its default is relative, |r| <= 1e-5 |b|); its CG also computes A(x0) once "
+            "(x0 = 0) before iterating",
+        ]
     return []
 
 
@@ -524,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--algorithm", default="maml", choices=list(ALGORITHMS),
         help="maml (default), metasgd (learned per-parameter rates), anil (head only), "
-        "maml-adam (inner Adam)",
+        "maml-adam (inner Adam), imaml (implicit MAML; second order only)",
     )  # fmt: skip
     p.add_argument("--iters", type=int, default=0, help="timed iterations per round (0: config's)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved rounds (0: config's)")
@@ -545,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.algorithm == "imaml" and args.first_order:
+        p.error("--algorithm imaml has no first-order variant (its meta-gradient is implicit)")
     known = LIBS_BY_ALGORITHM[args.algorithm]
     unknown = set(filter(None, args.libs.split(","))) - set(known)
     if unknown:

@@ -12,7 +12,13 @@ query loss over tasks after ``steps`` inner steps and leaves the meta-gradient i
 * ``anil``: only the head (:func:`head_name`) adapts, by SGD; the body is meta-learned
   through the features;
 * ``maml-adam``: inner Adam (torch.optim's formula, betas (0.9, 0.999), eps 1e-8, state
-  zero per task) of step size ``lr`` on every parameter.
+  zero per task) of step size ``lr`` on every parameter;
+* ``imaml``: iMAML, ``steps`` plain gradient steps of size ``lr`` on the proximal objective
+  ``L_support(phi) + LAM/2 |phi - theta|^2`` from ``phi = theta`` (no graph through them),
+  then the implicit meta-gradient ``mean_t LAM (H_t + LAM I)^-1 grad L_query(phi_t)`` by
+  :data:`CG_STEPS` conjugate-gradient iterations from 0, stopping early when ``r.r <``
+  :data:`CG_TOL` for the system scaled as metagrad's (right-hand side ``LAM * grad``).
+  No first-order variant.
 
 A factory that cannot express an algorithm raises ``NotImplementedError`` saying why (the
 benchmark reports it as n/a). Peers are imported lazily: a missing peer is reported by
@@ -40,8 +46,12 @@ ALGORITHMS = {
     "metasgd": "Meta-SGD",
     "anil": "ANIL",
     "maml-adam": "MAML with inner Adam",
+    "imaml": "iMAML",
 }
 B1, B2, EPS = 0.9, 0.999, 1e-8  # inner Adam, every library's default
+# iMAML: the authors' Omniglot proximal strength and CG iterations (metagrad's defaults);
+# CG_TOL: metagrad.core.linalg.conjugate_gradient's early stop, r.r < 1e-10
+LAM, CG_STEPS, CG_TOL = 2.0, 5, 1e-10
 
 
 # ---------------------------------------------------------------- model helpers
@@ -110,8 +120,11 @@ class Metagrad:
         import metagrad as mg
 
         kw = {"inner_lr": lr, "inner_steps": steps, "first_order": fo, "compile": self.compile}
-        if self.algorithm == "metasgd":
-            self.maml: mg.MAML = mg.MetaSGD(model, loss_fn, **kw)
+        if self.algorithm == "imaml":
+            _implicit_only(fo)
+            self.maml: mg.MAML = mg.iMAML(model, loss_fn, lr, steps, lam=LAM, cg_steps=CG_STEPS)
+        elif self.algorithm == "metasgd":
+            self.maml = mg.MetaSGD(model, loss_fn, **kw)
         elif self.algorithm == "anil":
             self.maml = mg.ANIL(model, loss_fn, head=head_name(model), **kw)
         elif self.algorithm == "maml-adam":
@@ -364,6 +377,122 @@ def _torchopt_meta(algorithm: str) -> Factory:
     return factory
 
 
+# ---------------------------------------------------------------- iMAML
+def _implicit_only(fo: bool) -> None:
+    if fo:
+        raise NotImplementedError("iMAML's meta-gradient is implicit: no first-order variant")
+
+
+def _higher_imaml(model: nn.Module, loss_fn: LossFn, lr: float, steps: int, fo: bool) -> Step:
+    raise NotImplementedError(
+        "higher differentiates through the unrolled inner loop and has no implicit "
+        "differentiation (an iMAML with it would be the autograd row's hand-written CG)"
+    )
+
+
+def _torchopt_imaml(model: nn.Module, loss_fn: LossFn, lr: float, steps: int, fo: bool) -> Step:
+    """``torchopt.diff.implicit.custom_root`` with the optimality condition
+    ``grad_phi [L_support(phi) + LAM/2 |phi - theta|^2] = 0`` (``torch.func.grad`` of the
+    proximal objective) and ``torchopt.linear_solve.solve_cg``; the decorated solver runs
+    the same gradient steps from theta. TorchOpt solves ``(H + LAM I)^T u = -g`` and returns
+    ``-LAM u``: metagrad's system divided by ``-LAM``, so its absolute tolerance is metagrad's
+    divided by LAM (``rtol=0``: its default stop is relative, ``|r| <= 1e-5 |b|``)."""
+    import torchopt
+
+    _implicit_only(fo)
+    names = [n for n, _ in model.named_parameters()]
+    theta = tuple(model.parameters())
+    buffers = dict(model.named_buffers())
+
+    def objective(phi: tuple[Tensor, ...], meta: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:  # fmt: skip
+        out = functional_call(model, (dict(zip(names, phi, strict=True)), buffers), (x,))
+        prox = sum(((p - m) ** 2).sum() for p, m in zip(phi, meta, strict=True))
+        return loss_fn(out, y) + 0.5 * LAM * prox
+
+    optimality = torch.func.grad(objective, argnums=0)
+    cg = torchopt.linear_solve.solve_cg(maxiter=CG_STEPS, rtol=0.0, atol=math.sqrt(CG_TOL) / LAM)
+
+    @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=cg)
+    def solve(phi: tuple[Tensor, ...], meta: tuple[Tensor, ...], x: Tensor, y: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+        for _ in range(steps):
+            phi = tuple(p - lr * g for p, g in zip(phi, optimality(phi, meta, x, y), strict=True))
+        return phi
+
+    def step(batch: Batch) -> Tensor:
+        tasks, total = batch[0].shape[0], batch[0].new_zeros(())
+        for sx, sy, qx, qy in zip(*batch, strict=True):
+            phi = solve(tuple(p.detach() for p in theta), theta, sx, sy)
+            out = functional_call(model, (dict(zip(names, phi, strict=True)), buffers), (qx,))
+            loss = loss_fn(out, qy) / tasks
+            loss.backward()  # per task: each has its own linear system
+            total = total + loss.detach()
+        return total
+
+    return step
+
+
+def _autograd_imaml(model: nn.Module, loss_fn: LossFn, lr: float, steps: int, fo: bool) -> Step:
+    """The reference: plain ``torch.autograd.grad`` inner steps, Hessian-vector products by
+    double backward (``grad_outputs`` through the support gradient), CG on lists of tensors
+    written out for ``(H + LAM I) v = LAM grad L_query``."""
+    _implicit_only(fo)
+    names = [n for n, _ in model.named_parameters()]
+    theta = list(model.parameters())
+    buffers = dict(model.named_buffers())
+
+    def f(ps: list[Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, (dict(zip(names, ps, strict=True)), buffers), (x,))
+
+    def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+        return sum((u * w).sum() for u, w in zip(a, b, strict=True))  # type: ignore[return-value]
+
+    def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[list[Tensor], Tensor]:
+        th = [p.detach() for p in theta]
+        phi = th
+        for _ in range(steps):
+            phi = [p.detach().requires_grad_() for p in phi]
+            prox = sum(((p - t) ** 2).sum() for p, t in zip(phi, th, strict=True))
+            gs = torch.autograd.grad(loss_fn(f(phi, sx), sy) + 0.5 * LAM * prox, phi)
+            phi = [p.detach() - lr * g for p, g in zip(phi, gs, strict=True)]
+        phi = [p.detach().requires_grad_() for p in phi]
+        query = loss_fn(f(phi, qx), qy)
+        b = [LAM * g for g in torch.autograd.grad(query, phi)]
+        support_grad = torch.autograd.grad(loss_fn(f(phi, sx), sy), phi, create_graph=True)
+
+        def matvec(v: list[Tensor]) -> list[Tensor]:
+            hv = torch.autograd.grad(support_grad, phi, grad_outputs=v, retain_graph=True)
+            return [h + LAM * u for h, u in zip(hv, v, strict=True)]
+
+        x = [torch.zeros_like(u) for u in b]
+        r, p = [u.clone() for u in b], [u.clone() for u in b]
+        rr = dot(r, r)
+        for _ in range(CG_STEPS):
+            if rr < CG_TOL:
+                break
+            ap = matvec(p)
+            alpha = rr / dot(p, ap)
+            x = [u + alpha * w for u, w in zip(x, p, strict=True)]
+            r = [u - alpha * w for u, w in zip(r, ap, strict=True)]
+            new = dot(r, r)
+            p = [u + (new / rr) * w for u, w in zip(r, p, strict=True)]
+            rr = new
+        return x, query.detach()
+
+    def step(batch: Batch) -> Tensor:
+        tasks = batch[0].shape[0]
+        total, losses = [torch.zeros_like(p) for p in theta], []
+        for sx, sy, qx, qy in zip(*batch, strict=True):
+            v, loss = task(sx, sy, qx, qy)
+            total = [t + u / tasks for t, u in zip(total, v, strict=True)]
+            losses.append(loss)
+        with torch.no_grad():
+            for p, g in zip(theta, total, strict=True):
+                p.grad = g if p.grad is None else p.grad + g
+        return torch.stack(losses).mean()
+
+    return step
+
+
 # ---------------------------------------------------------------- registry
 Entry = tuple[str, Factory, str]  # module that must be importable, factory, idiom in the report
 
@@ -472,6 +601,25 @@ LIBS_BY_ALGORITHM: dict[str, dict[str, Entry]] = {
             "torch",
             _functional_loop(_adam()),
             "plain autograd.grad loop, torch.optim.Adam's formula written out (reference)",
+        ),
+    },
+    "imaml": {
+        "metagrad": (
+            "metagrad",
+            _metagrad("imaml"),
+            f"iMAML(lam={LAM}, cg_steps={CG_STEPS}).meta_backward",
+        ),
+        "higher": ("higher", _higher_imaml, "-"),
+        "torchopt": (
+            "torchopt",
+            _torchopt_imaml,
+            "diff.implicit.custom_root(func.grad(proximal objective)), "
+            f"linear_solve.solve_cg(maxiter={CG_STEPS}), per-task backward",
+        ),
+        "autograd": (
+            "torch",
+            _autograd_imaml,
+            "plain autograd.grad inner steps, double-backward HVPs, CG written out (reference)",
         ),
     },
 }

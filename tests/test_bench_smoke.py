@@ -1,5 +1,5 @@
 """Smoke test of ``benchmarks/bench_maml.py``: one sinusoid iteration, metagrad only; the
-gradient check of the MAML family (``--algorithm metasgd|anil|maml-adam``) at tiny size.
+gradient check of the MAML family (``--algorithm metasgd|anil|maml-adam|imaml``) at tiny size.
 
 The project venv has no peers installed, so the harness must skip them with a note. The
 harness runs in this process; the timed iteration still runs in its worker subprocess.
@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 # end-to-end runs: `pytest -m "not slow"` (make test-fast) leaves them out
 pytestmark = pytest.mark.slow
@@ -87,6 +88,33 @@ def test_bench_family_grad_check(algorithm: str, monkeypatch: pytest.MonkeyPatch
             elif lib.startswith("torchopt") and not verdict.startswith("n/a"):
                 want = "float32-bc" if first_order else "plain-sqrt"
                 assert f"matches the reference with {want}" in verdict, verdict
+
+
+def test_bench_imaml_grad_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """iMAML's check at tiny size (2 tasks, 2 inner steps): metagrad against the written-out
+    CG reference and TorchOpt's implicit differentiation where installed; higher cannot
+    express it; no first order."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_maml")
+    libs = importlib.import_module("maml_libs")
+    cfg = dataclasses.replace(bench.CONFIGS["sinusoid"], steps=2)
+    here = [k for k in libs.LIBS_BY_ALGORITHM["imaml"] if libs.missing(k, "imaml") is None]
+    check, strategy = bench.grad_check(cfg, here, False, 0, 2, "cpu", "imaml")
+    assert check["metagrad"] == "PASS (reference)", check
+    assert check["autograd"].startswith("PASS"), check
+    assert strategy.startswith("loop")
+    if "torchopt" in check:  # .bench-venv
+        assert check["torchopt"].startswith("PASS"), check
+    if "higher" in check:
+        assert check["higher"].startswith("n/a (higher differentiates through"), check
+    # the check tells a different solve apart: the reference with one CG iteration fewer
+    base, loss_fn, (batch,) = bench.build(cfg, 0, torch.float64, "cpu", 1, 2)
+    _, ref = bench._meta_grads(libs._metagrad("imaml"), base, loss_fn, cfg.lr, 2, False, batch)
+    monkeypatch.setattr(libs, "CG_STEPS", libs.CG_STEPS - 1)
+    _, fewer = bench._meta_grads(libs._autograd_imaml, base, loss_fn, cfg.lr, 2, False, batch)
+    assert not bench.compare(ref, fewer)[0]
+    with pytest.raises(SystemExit):
+        bench.main(["--config", "sinusoid", "--algorithm", "imaml", "--first-order"])
 
 
 def test_bench_adam_check_names_a_different_formula(monkeypatch: pytest.MonkeyPatch) -> None:
