@@ -1,7 +1,7 @@
 """metagrad: gradient-based meta-learning (MAML and its family) on torch.func."""
 
 from . import models, tasks
-from .algorithms import ANIL, MetaSGD, Reptile, iMAML
+from .algorithms import ANIL, MAMLpp, MetaSGD, Reptile, iMAML
 from .core import MAML, Adapted, inner
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ def load_run(path: str, device: str = "cpu", checkpoint: str = "best") -> MAML:
 __all__ = [
     "ANIL",
     "MAML",
+    "MAMLpp",
     "Adapted",
     "MetaSGD",
     "Reptile",

@@ -15,7 +15,7 @@ from .errors import ConfigError, MetagradError
 # keys that may change when a run is resumed (they do not change what was trained so far)
 RESUMABLE = {
     "iterations", "log_every", "checkpoint_every", "val_every", "time_limit_min", "data_dir",
-    "threads", "on_nonfinite",
+    "threads", "on_nonfinite", "tensorboard",
 }  # fmt: skip
 
 

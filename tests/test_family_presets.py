@@ -127,9 +127,12 @@ def test_reptile_and_imaml_through_the_presets():
     )
     assert (reptile["inner_optimizer"], reptile["inner_steps"], reptile["meta_batch"]) == (
         "adam",
-        12,
+        5,
         8,
     )
+    # the supervised-reptile README's 1-shot 5-way Omniglot command
+    assert (reptile["inner_lr"], reptile["inner_betas"], reptile["train_shots"]) == (0.001, [0.0, 0.999], 10)  # fmt: skip
+    assert (reptile["iterations"], reptile["eval_steps"]) == (100_000, 50)
     assert type(experiment_for(reptile).build()) is mg.Reptile
 
 

@@ -87,19 +87,22 @@ def imaml_closed_form(theta, data, lam):
     return total
 
 
-def imaml_grad(model, data, *, steps, cg_steps, lam=1.0, lr=0.1):
+def imaml_grad(model, data, *, steps, cg_steps, lam=1.0, lr=0.1, vectorize=False):
     model.zero_grad()
-    imaml = mg.iMAML(model, F.mse_loss, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=cg_steps)
+    imaml = mg.iMAML(model, F.mse_loss, inner_lr=lr, inner_steps=steps, lam=lam,
+                     cg_steps=cg_steps, vectorize=vectorize)  # fmt: skip
     imaml.meta_backward(*data)
+    assert imaml.batched(data) is bool(vectorize)
     return model.weight.grad[0].clone()
 
 
-def test_imaml_meta_gradient_equals_the_closed_form_on_least_squares():
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_imaml_meta_gradient_equals_the_closed_form_on_least_squares(vectorize):
     model, data = least_squares()
     expected = imaml_closed_form(model.weight.detach()[0], data, lam=1.0)
     # exact inner solution (the GD error contracts by (1 - lr * lam) per step at least) and
     # CG run to the dimension (exact for a 4x4 system)
-    got = imaml_grad(model, data, steps=600, cg_steps=4)
+    got = imaml_grad(model, data, steps=600, cg_steps=4, vectorize=vectorize)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
 
 
@@ -112,6 +115,36 @@ def test_imaml_tends_to_the_closed_form_as_inner_and_cg_steps_grow():
     ]
     assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 1e-9 * expected.norm().item()
+
+
+def test_imaml_tasks_under_vmap_equal_the_loop():
+    """A small dense net: vmap by default (after the float64 check), the loop's gradient."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = tuple(torch.randn(4, 8, d, generator=g, dtype=torch.float64) for d in (3, 2, 3, 2))
+    grads = {}
+    for vectorize in (None, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+        imaml = mg.iMAML(model, F.mse_loss, inner_lr=0.1, inner_steps=4, lam=0.5, cg_steps=3,
+                         vectorize=vectorize)  # fmt: skip
+        loss = imaml.meta_backward(*data)
+        assert imaml.batched(data) is (vectorize is None)
+        grads[vectorize] = (loss, [p.grad for p in model.parameters()])
+    assert grads[None][0].item() == pytest.approx(grads[False][0].item(), rel=1e-12)
+    for a, b in zip(grads[None][1], grads[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_masked_conjugate_gradient_holds_the_early_stop_iterate():
+    from metagrad.core import linalg
+
+    a = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    plain = linalg.conjugate_gradient(lambda v: a @ v, b, iters=10)  # stops after 2
+    masked = linalg.conjugate_gradient(lambda v: a @ v, b, iters=10, masked=True)
+    assert torch.equal(plain, masked)
+    torch.testing.assert_close(masked, torch.linalg.solve(a, b))
 
 
 def test_imaml_reported_loss_and_outputs():
@@ -128,7 +161,7 @@ def test_imaml_reported_loss_and_outputs():
         (mg.iMAML, {"lam": -1.0}, "lam > 0"),
         (mg.iMAML, {"cg_steps": 0}, "cg_steps >= 1"),
         (mg.iMAML, {"inner_steps": 0}, "inner_steps >= 1"),
-        (mg.iMAML, {"vectorize": True}, "one by one"),
+        (mg.iMAML, {"vectorize": "support"}, "None, True or False"),
         (mg.Reptile, {"inner_steps": 0}, "inner_steps >= 1"),
         (mg.Reptile, {"inner_lr": 0.0}, "inner_lr must be > 0"),
     ],

@@ -2,7 +2,8 @@
 
 from .anil import ANIL
 from .imaml import iMAML
+from .mamlpp import MAMLpp, msl_weights
 from .metasgd import MetaSGD
 from .reptile import Reptile
 
-__all__ = ["ANIL", "MetaSGD", "Reptile", "iMAML"]
+__all__ = ["ANIL", "MAMLpp", "MetaSGD", "Reptile", "iMAML", "msl_weights"]

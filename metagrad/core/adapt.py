@@ -24,19 +24,21 @@ from .inner import State
 from .recompute import recomputed
 from .spec import Hyper, Params, Spec
 
-Loss = Callable[[Params], Tensor]
+Loss = Callable[[Params], Tensor]  # with a stepwise spec: (params, step) -> loss
 
 
 class Adapted:
     """A model bound to task-adapted ("fast") parameters; call it like the model."""
 
-    def __init__(self, model: nn.Module, params: Params, buffers: Params) -> None:
+    def __init__(self, model: nn.Module, params: Params, buffers: Params,
+                 step: int | None = None) -> None:  # fmt: skip
         self.model = model
         self.params = params
         self.buffers = buffers
+        self.step = step  # the inner step index a per-step model runs at (stepwise specs)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return forward(self.model, self.params, self.buffers, x)
+        return forward(self.model, self.params, self.buffers, x, self.step)
 
     def named_parameters(self) -> list[tuple[str, Tensor]]:
         return list(self.params.items())
@@ -88,7 +90,8 @@ def adapt(
     trail: list[Params] = []
 
     def step(params: Params, state: State, k: int, hyper: Hyper, create: bool) -> tuple[Params, State]:  # fmt: skip
-        grads = _inner_grads(loss, params, names, create, autograd)
+        at_k: Loss = (lambda p: loss(p, k)) if spec.stepwise else loss  # type: ignore[call-arg]
+        grads = _inner_grads(at_k, params, names, create, autograd)
         direction, state = spec.rule.direction(grads, state, k)
         params = dict(params)
         for n in names:
@@ -136,8 +139,13 @@ def _checkpointed(step: Callable[..., tuple[Params, State]], names: tuple[str, .
 
 
 def support_loss(model: nn.Module, loss_fn: LossFn, buffers: Params, x: Tensor, y: Tensor) -> Loss:
-    """The supervised inner loss ``params -> loss_fn(model(x), y)``."""
-    return lambda p: loss_fn(forward(model, p, buffers, x), y)
+    """The supervised inner loss ``params -> loss_fn(model(x), y)`` (``(params, step)`` for
+    a per-step model)."""
+
+    def loss(p: Params, step: int | None = None) -> Tensor:
+        return loss_fn(forward(model, p, buffers, x, step), y)
+
+    return loss
 
 
 def outer_loss(
@@ -150,21 +158,24 @@ def outer_loss(
     hyper: Hyper,
     *,
     channels_last: bool = False,
+    stepwise: bool = False,
+    first: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The query loss the outer loop sees, from the parameters after each step (the last
     entry alone without multi-step weights, or with weights for another step count: evaluation
-    at more or fewer steps than trained), and the last step's predictions."""
+    at more or fewer steps than trained), and the last step's predictions. ``stepwise``: the
+    query pass after step ``k`` runs the model at step ``k`` (``adapted[0]`` is step ``first``)."""
     if hyper.weights is not None and len(adapted) != hyper.weights.shape[0]:
         hyper = Hyper(hyper.rates, None)
     if hyper.weights is None:
-        adapted = adapted[-1:]
+        first, adapted = first + len(adapted) - 1, adapted[-1:]
     total: Tensor | None = None
     out: Tensor | None = None
     for i, p in enumerate(adapted):
         x = qx
         if channels_last:
             p, x = to_channels_last(p, qx)
-        out = forward(model, p, buffers, x)
+        out = forward(model, p, buffers, x, first + i if stepwise else None)
         term = loss_fn(out, qy)
         if hyper.weights is not None:
             term = hyper.weights[i].to(term.dtype) * term
@@ -198,7 +209,8 @@ def task_loss(
                       steps=steps, autograd=autograd, every_step=True)  # fmt: skip
         assert isinstance(trail, list)
         adapted = trail
-    return outer_loss(model, loss_fn, buffers, adapted, qx, qy, hyper, channels_last=channels_last)
+    return outer_loss(model, loss_fn, buffers, adapted, qx, qy, hyper, channels_last=channels_last,
+                      stepwise=spec.stepwise)  # fmt: skip
 
 
 def curve(
@@ -217,7 +229,7 @@ def curve(
     trail = adapt(support_loss(model, loss_fn, buffers, sx, sy), params, spec, hyper, lr=lr, every_step=True)  # fmt: skip
     assert isinstance(trail, list)
     rows = []
-    for p in [params, *trail]:
-        out = forward(model, p, buffers, qx)
+    for i, p in enumerate([params, *trail]):  # before any step: step 0's layers
+        out = forward(model, p, buffers, qx, max(i - 1, 0) if spec.stepwise else None)
         rows.append(torch.stack([m(out, qy) for m in metrics]))
     return torch.stack(rows, dim=-1)

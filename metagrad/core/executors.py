@@ -134,8 +134,9 @@ def support(problem: Problem, params: Params, hyper: Hyper, data: Data, *, backw
     trail = batched_adapt(problem, params, hyper, sx, sy)
     if hyper.weights is not None and len(trail) != hyper.weights.shape[0]:
         hyper = Hyper(hyper.rates, None)  # as outer_loss: weights for another step count
+    first = 0
     if hyper.weights is None:
-        trail = trail[-1:]
+        first, trail = len(trail) - 1, trail[-1:]
     if backward and sx.device.type == "cpu":
         keep_freed_memory()
     # adapted tensors that depend on a trainable input (frozen ones may, through others)
@@ -149,7 +150,8 @@ def support(problem: Problem, params: Params, hyper: Hyper, data: Data, *, backw
         else:
             steps = [{k: v[t] for k, v in s.items()} for s in trail]
         loss, out = outer_loss(problem.model, problem.loss_fn, problem.buffers, steps, qx_t, qy_t,
-                               hyper, channels_last=channels_last)  # fmt: skip
+                               hyper, channels_last=channels_last,
+                               stepwise=problem.spec.stepwise, first=first)  # fmt: skip
         if backward:
             inputs = [steps[i][k] for i, ks in enumerate(live) for k in ks]
             if inputs:

@@ -20,9 +20,13 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def forward(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> Tensor:
-    """Run ``model`` on ``x`` with the given parameters and buffers."""
-    return functional_call(model, (params, buffers), (x,), strict=False)
+def forward(model: nn.Module, params: Params, buffers: Params, x: Tensor,
+            step: int | None = None) -> Tensor:  # fmt: skip
+    """Run ``model`` on ``x`` with the given parameters and buffers (and, for a model whose
+    ``forward`` takes one, the inner step index ``step``)."""
+    if step is None:
+        return functional_call(model, (params, buffers), (x,), strict=False)
+    return functional_call(model, (params, buffers), (x,), {"step": step}, strict=False)
 
 
 class _ChannelsLast(torch.autograd.Function):

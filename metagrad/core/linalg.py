@@ -71,13 +71,28 @@ def leaves(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach().requires_grad_(True) for p in params]
 
 
-def conjugate_gradient(avp: HVP, b: Tensor, iters: int = 10, residual_tol: float = 1e-10) -> Tensor:
-    """Approximately solve ``A x = b`` for symmetric positive-definite ``A`` given ``avp``."""
+def conjugate_gradient(avp: HVP, b: Tensor, iters: int = 10, residual_tol: float = 1e-10,
+                       *, masked: bool = False) -> Tensor:  # fmt: skip
+    """Approximately solve ``A x = b`` for symmetric positive-definite ``A`` given ``avp``.
+
+    ``masked``: no data-dependent ``break`` (so that it runs under ``vmap``): every iteration
+    runs, and once ``r.r < residual_tol`` the iterate is held, so ``x`` is the same as with
+    the early stop (``avp`` is still called ``iters`` times)."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = b.clone()
     rdotr = r.dot(r)
     for _ in range(iters):
+        if masked:
+            active = rdotr >= residual_tol
+            z = avp(p)
+            alpha = torch.where(active, rdotr / p.dot(z), 0.0)
+            x = torch.where(active, x + alpha * p, x)
+            r = torch.where(active, r - alpha * z, r)
+            new_rdotr = r.dot(r)
+            p = torch.where(active, r + (new_rdotr / rdotr) * p, p)
+            rdotr = torch.where(active, new_rdotr, rdotr)
+            continue
         if rdotr < residual_tol:
             break
         z = avp(p)

@@ -64,6 +64,7 @@ class MAML(nn.Module):
         self.inner_optimizer = inner_optimizer or SGD()
         self.vectorize, self.channels_last, self.checkpoint = False if checkpoint else vectorize, channels_last, bool(checkpoint)  # fmt: skip
         self.register_buffer("_weights", None, persistent=False)
+        self._stepwise = specs.takes_step(model)
         params: Params = dict(model.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
         self.adapts = specs.select(params, adapt, trainable)
@@ -83,6 +84,10 @@ class MAML(nn.Module):
         w = None if weights is None else specs.step_weights_tensor(weights, self.inner_steps)
         self._weights: Tensor | None = None if w is None else w.to(like.device, like.dtype)
 
+    def schedule(self, iteration: int) -> None:
+        """Called by training loops before meta-iteration ``iteration`` (0-based), for
+        algorithms whose settings change over training (MAML++); MAML has none."""
+
     @property
     def compile_mode(self) -> bool | None:  # the compile argument
         return self._compiled.mode
@@ -98,7 +103,7 @@ class MAML(nn.Module):
         return Spec(
             self.adapts, self.inner_steps if steps is None else steps, self.inner_lr,
             self.first_order if first_order is None else first_order, self.learn_lr,
-            self.inner_optimizer, self._weights is not None, self.checkpoint,
+            self.inner_optimizer, self._weights is not None, self.checkpoint, self._stepwise,
         )  # fmt: skip
 
     def learned_lrs(self) -> dict[str, nn.Parameter]:
@@ -174,7 +179,8 @@ class MAML(nn.Module):
         fast = adapt(support_loss(self.model, self.loss_fn, buffers, x, y), self._params(),
                      self.spec(steps, first_order), self.hyper(), lr=lr)  # fmt: skip
         assert isinstance(fast, dict)
-        return Adapted(self.model, fast, buffers)
+        spec = self.spec(steps)
+        return Adapted(self.model, fast, buffers, max(spec.steps - 1, 0) if spec.stepwise else None)
 
     @torch.no_grad()
     def adaptation_curve(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,

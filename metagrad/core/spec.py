@@ -8,6 +8,7 @@ training, the learned rates and the multi-step loss weights, are tensors passed 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -46,6 +47,9 @@ class Spec:
         multi_step: the outer loss is a weighted sum of the query losses after each step.
         checkpoint: each second-order inner step's graph is rebuilt in the backward pass
             instead of kept (:mod:`.recompute`): memory of one step's graph.
+        stepwise: the model's ``forward`` takes a keyword ``step`` and is given the inner
+            step index: ``k`` for the support pass of step ``k`` and for the query pass after
+            it (0 before any step); per-step layers such as MAML++'s BatchNorm use it.
     """
 
     adapts: tuple[str, ...]
@@ -56,6 +60,7 @@ class Spec:
     rule: UpdateRule = field(default_factory=SGD)
     multi_step: bool = False
     checkpoint: bool = False
+    stepwise: bool = False
 
     def rate(self, name: str, step: int, hyper: Hyper) -> float | Tensor:
         """The inner rate of parameter ``name`` at step ``step`` (0-based). Per-step rates
@@ -95,6 +100,16 @@ def select(names: Iterable[str], adapt: AdaptArg, trainable: set[str]) -> tuple[
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(f"{what} selects no parameter of the model (parameters: {shown})")
     return tuple(chosen)
+
+
+def takes_step(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` accepts a keyword ``step`` (the inner step index)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get("step")
+    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
 
 
 def check_arguments(inner_lr: float, inner_steps: int, rule: object, vectorize: object,

@@ -21,6 +21,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "meta_optimizer": ("adam", "sgd"),
     "lr_schedule": ("constant", "linear", "cosine"),
     "on_nonfinite": ("stop", "skip"),
+    "tensorboard": ("auto", "true", "false"),
 }
 
 
@@ -84,7 +85,9 @@ class Experiment:
         if kind == "linear":
             return LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
         if kind == "cosine":
-            return CosineAnnealingLR(opt, T_max=total)
+            return CosineAnnealingLR(
+                opt, T_max=total, eta_min=float(self.cfg.get("min_meta_lr", 0.0))
+            )
         return None
 
     def train_step(self, maml: MAML, batch: Batch) -> dict[str, float | Tensor]:

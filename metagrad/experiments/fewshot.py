@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from ..core import MAML
 from ..errors import ConfigError
-from ..models import FCNet, miniimagenet_conv4, omniglot_conv4
+from ..models import FCNet, mamlpp_conv4, miniimagenet_conv4, omniglot_conv4
 from .base import Batch, Experiment
 from .options import FAMILY, OUTER, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
@@ -48,7 +48,12 @@ COMMON: dict[str, Any] = (
         "compile": "auto",
         "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
         "threads": 0,  # torch threads; 0: torch's default (all cores; cores / processes with --nproc)
-        "model": "conv4",
+        "train_shots": 0,  # support examples per class in meta-training; 0: `shots` (Reptile: 10)
+        "model": "conv4",  # conv4 (the MAML paper's) | conv4-mamlpp (per-step BatchNorm) | mlp
+        # conv4-mamlpp's per-step BatchNorm: weights and biases per step (BNWB), running
+        # statistics per step (BNRS: kept in training, used only in eval mode)
+        "bn_per_step_weights": True,
+        "bn_per_step_stats": False,
         "data_dir": "",
         "log_every": 50,
         "checkpoint_every": 250,
@@ -94,10 +99,42 @@ _PAPER = {
     "miniimagenet-5w5s": ("MiniImagenet 5-way 5-shot, conv4 32 filters, batch 2, 5 steps a=0.01",
                           _mini(5, 2)),
 }  # fmt: skip
-#: name -> (description, defaults); each also as NAME-fo, first order
+
+
+def _mamlpp(base: dict[str, Any], batch: int, lr: float, queries: int, msl_epochs: int,
+            filters: int, min_lr: float, clip: float) -> dict[str, Any]:  # fmt: skip
+    # the reference code's configs (AntreasAntoniou/HowToTrainYourMAMLPytorch,
+    # experiment_config/*maml++*): 5 steps (5 at test), 100 epochs of 500 iterations,
+    # cosine from 1e-3, per-step BatchNorm, second order throughout
+    return base | {
+        "algorithm": "mamlpp", "model": "conv4-mamlpp", "meta_batch": batch, "inner_steps": 5,
+        "inner_lr": lr, "eval_steps": 5, "queries": queries, "iterations": 50_000,
+        "lr_schedule": "cosine", "min_meta_lr": min_lr, "msl_epochs": msl_epochs,
+        "epoch_iterations": 500, "first_order_epochs": 0, "filters": filters,
+        "clip_grad_value": clip,
+    }  # fmt: skip
+
+
+_MAMLPP = {
+    f"{name}-mamlpp": (f"{what} MAML++: conv4 {filters} filters with max-pooling and per-step "
+                       f"BatchNorm, batch {batch}, 5 steps, LSLR from {lr}, annealed multi-step "
+                       f"loss, cosine meta lr",
+                       _mamlpp(_PAPER[name][1], batch, lr, queries, msl, filters, min_lr, clip))
+    for name, what, batch, lr, queries, msl, filters, min_lr, clip in (
+        ("omniglot-5w1s", "Omniglot 5-way 1-shot", 8, 0.1, 1, 10, 64, 1e-5, 0.0),
+        ("omniglot-5w5s", "Omniglot 5-way 5-shot", 8, 0.1, 1, 10, 64, 1e-5, 0.0),
+        ("omniglot-20w1s", "Omniglot 20-way 1-shot", 8, 0.1, 1, 10, 64, 1e-5, 0.0),
+        ("omniglot-20w5s", "Omniglot 20-way 5-shot", 8, 0.1, 1, 10, 64, 1e-5, 0.0),
+        ("miniimagenet-5w1s", "MiniImagenet 5-way 1-shot", 2, 0.01, 15, 15, 48, 1e-3, 10.0),
+        ("miniimagenet-5w5s", "MiniImagenet 5-way 5-shot", 2, 0.01, 15, 15, 48, 1e-3, 10.0),
+    )
+}  # fmt: skip
+
+#: name -> (description, defaults); each paper preset also as NAME-fo, first order
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     **_PAPER,
     **{f"{n}-fo": (d + ", first order", c | {"first_order": True}) for n, (d, c) in _PAPER.items()},
+    **_MAMLPP,
 }
 
 
@@ -118,8 +155,10 @@ class FewShotExperiment(Experiment):
 
     def __init__(self, cfg, device) -> None:
         super().__init__(cfg, device)
-        if cfg["model"] not in ("conv4", "mlp"):
-            raise ConfigError(f"bad value {cfg['model']!r} for model: choose conv4 or mlp")
+        if cfg["model"] not in ("conv4", "conv4-mamlpp", "mlp"):
+            raise ConfigError(
+                f"bad value {cfg['model']!r} for model: choose conv4, conv4-mamlpp or mlp"
+            )
         self.vectorize = vectorize_option(cfg["vectorize"])
         self._samplers: dict[str, Any] = {}
 
@@ -137,17 +176,29 @@ class FewShotExperiment(Experiment):
             self._samplers[split] = self.load_split(split)
         return self._samplers[split]
 
-    def _batch(self, split: str, tasks: int, queries: int, g: torch.Generator) -> Batch:
+    def _batch(self, split: str, tasks: int, queries: int, g: torch.Generator,
+               shots: int | None = None) -> Batch:  # fmt: skip
         cfg = self.cfg
-        b = self.sampler(split).sample(tasks, cfg["ways"], cfg["shots"], queries, g)
+        shots = cfg["shots"] if shots is None else shots
+        b = self.sampler(split).sample(tasks, cfg["ways"], shots, queries, g)
         return tuple(t.to(self.device) for t in b)  # type: ignore[return-value]
 
     def sample(self, generator: torch.Generator) -> Batch:
-        return self._batch("train", self.cfg["meta_batch"], self.cfg["queries"], generator)
+        cfg = self.cfg
+        return self._batch("train", cfg["meta_batch"], cfg["queries"], generator,
+                           cfg["train_shots"] or cfg["shots"])  # fmt: skip
 
     # -------------------------------------------------------------- model and steps
     def network(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def step_conv4(self, image: int, channels: int) -> torch.nn.Module:
+        """MAML++'s network: a BatchNorm row per training inner step (more test steps reuse
+        the last row)."""
+        cfg = self.cfg
+        return mamlpp_conv4(cfg["ways"], cfg["inner_steps"], image=image, in_channels=channels,
+                            filters=cfg["filters"], per_step_weights=cfg["bn_per_step_weights"],
+                            per_step_stats=cfg["bn_per_step_stats"])  # fmt: skip
 
     def build(self) -> MAML:
         cfg = self.cfg
@@ -230,6 +281,8 @@ class OmniglotExperiment(FewShotExperiment):
     def network(self) -> torch.nn.Module:
         if self.cfg["model"] == "mlp":
             return FCNet(self.cfg["ways"], 28 * 28)
+        if self.cfg["model"] == "conv4-mamlpp":
+            return self.step_conv4(28, 1)
         return omniglot_conv4(self.cfg["ways"], self.cfg["filters"])
 
 
@@ -245,4 +298,6 @@ class MiniImagenetExperiment(FewShotExperiment):
     def network(self) -> torch.nn.Module:
         if self.cfg["model"] == "mlp":
             return FCNet(self.cfg["ways"], 3 * 84 * 84)
+        if self.cfg["model"] == "conv4-mamlpp":
+            return self.step_conv4(84, 3)
         return miniimagenet_conv4(self.cfg["ways"], self.cfg["filters"])

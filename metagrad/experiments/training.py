@@ -26,6 +26,7 @@ from ..errors import MetagradError
 from .base import Experiment
 from .distributed import World
 from .runs import BEST, CHECKPOINT, Run
+from .tensorboard import board
 
 
 class Interrupted(MetagradError):
@@ -169,11 +170,14 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
     ckpt_every = max(cfg["checkpoint_every"], 1)
     sums: dict[str, float] = {}
     count = 0
+    clip = float(cfg.get("clip_grad_value", 0.0))
+    tb = board(cfg, run, start) if main else None
     with _deferred_interrupts() as flag:
         tick = time.perf_counter()
         for it in range(start, total):
             batch, weight = world.shard(exp.sample(generator))
             opt.zero_grad(set_to_none=True)
+            maml.schedule(it)  # settings that change over training (MAML++)
             metrics = exp.train_step(maml, batch)
             limit = cfg.get("time_limit_min", 0)
             over = bool(limit) and elapsed + time.perf_counter() - tick >= 60 * limit
@@ -190,6 +194,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                     fresh = (bad_at == 0) & ~ok.all()
                     bad_at = torch.where(fresh, done, bad_at)
                     bad_ok = torch.where(fresh, ok, bad_ok)
+                if clip > 0:
+                    torch.nn.utils.clip_grad_value_(maml.parameters(), clip)
                 opt.step()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -204,6 +210,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
             # the same on every rank, so that all of them stop at the same iteration
             if (logged or val_due or saving or stop) and not skip and int(bad_at):
                 bar.close()  # nothing more is logged, validated or checkpointed
+                if tb is not None:
+                    tb.close()
                 raise _diverged(cfg, run, int(bad_at), bad_ok)
             row: dict[str, Any] = {}
             if logged:
@@ -226,6 +234,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                     full["nonfinite_skipped"] = skipped
                 if main:
                     run.append_metrics(full)
+                if tb is not None:
+                    tb.log(full, done, maml, opt)
             bar.update(1)
             if saving:
                 elapsed, tick = elapsed + time.perf_counter() - tick, time.perf_counter()
@@ -236,6 +246,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 elapsed += time.perf_counter() - tick
                 checkpoint(done)
                 bar.close()
+                if tb is not None:
+                    tb.close()
                 by = flag["stop"] or "a signal to another process"
                 raise Interrupted(
                     f"stopped by {by} at iteration {done}/{total}; checkpoint saved, "
@@ -243,6 +255,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 )
         elapsed += time.perf_counter() - tick
     bar.close()
+    if tb is not None:
+        tb.close()
     extra = world.on_main(lambda: exp.finalize(maml), "the final step")
     exp.apply_extra(maml, extra)
     checkpoint(max(total, start), extra | {"final_iteration": max(total, start)})

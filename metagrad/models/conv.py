@@ -25,12 +25,15 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .norm import StepBatchNorm
 
-def _block(cin: int, cout: int, stride: int, pool: bool) -> nn.Sequential:
+
+def _block(cin: int, cout: int, stride: int, pool: bool, norm: nn.Module | None = None,
+           act: nn.Module | None = None) -> nn.Sequential:  # fmt: skip
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
-        nn.BatchNorm2d(cout, track_running_stats=False),
-        nn.ReLU(),
+        norm if norm is not None else nn.BatchNorm2d(cout, track_running_stats=False),
+        act if act is not None else nn.ReLU(),
     ]
     if pool:
         layers.append(nn.MaxPool2d(2))
@@ -63,12 +66,49 @@ class Conv4(nn.Module):
         return self.head(h)
 
 
+class StepConv4(Conv4):
+    """MAML++'s network: :class:`Conv4` with per-step BatchNorm (:class:`StepBatchNorm`),
+    stride-1 convolutions, 2x2 max-pooling, leaky ReLU, flattened features; its ``forward``
+    takes the inner step index."""
+
+    def __init__(self, ways: int, in_channels: int, filters: int, steps: int, *, features: int,
+                 per_step_weights: bool = True, per_step_stats: bool = False) -> None:  # fmt: skip
+        super().__init__(ways, in_channels, filters, stride=1, pool=True, spatial_mean=False,
+                         features=features)  # fmt: skip
+        chans = [in_channels, filters, filters, filters, filters]
+        self.features = nn.Sequential(*(
+            _block(a, b, 1, True, StepBatchNorm(b, steps, per_step_weights=per_step_weights,
+                                                track_running_stats=per_step_stats),
+                   nn.LeakyReLU())
+            for a, b in zip(chans[:-1], chans[1:], strict=True)
+        ))  # fmt: skip
+
+    def forward(self, x: Tensor, step: int | None = None) -> Tensor:  # type: ignore[override]
+        h = x
+        for block in self.features:
+            for layer in block:
+                h = layer(h, step) if isinstance(layer, StepBatchNorm) else layer(h)
+        return self.head(h.flatten(1))
+
+
 def omniglot_conv4(ways: int, filters: int = 64) -> Conv4:
     return Conv4(ways, 1, filters, stride=2, pool=False, spatial_mean=True)
 
 
 def miniimagenet_conv4(ways: int, filters: int = 32) -> Conv4:
     return Conv4(ways, 3, filters, stride=1, pool=True, spatial_mean=False, features=filters * 25)
+
+
+def mamlpp_conv4(ways: int, steps: int, *, image: int = 28, in_channels: int = 1,
+                 filters: int = 64, per_step_weights: bool = True,
+                 per_step_stats: bool = False) -> StepConv4:  # fmt: skip
+    """MAML++'s conv4 for ``image`` x ``image`` inputs (Omniglot 28: 64 filters;
+    MiniImagenet 84, 3 channels: the reference code's 48 filters)."""
+    side = image
+    for _ in range(4):
+        side //= 2
+    return StepConv4(ways, in_channels, filters, steps, features=filters * side * side,
+                     per_step_weights=per_step_weights, per_step_stats=per_step_stats)  # fmt: skip
 
 
 class FCNet(nn.Module):
