@@ -166,3 +166,19 @@ def test_reptile_and_imaml_train_and_name_themselves(tmp_path, algorithm, label)
     assert code == 0
     assert json.loads((out / "eval.json").read_text())["algorithm"] == label
     assert type(mg.load_run(str(out))).__name__ == label
+
+
+def test_sinusoid_settings_of_reptile_and_imaml_and_train_shots():
+    reptile = resolved("sinusoid", "algorithm=reptile")
+    assert (reptile["inner_lr"], reptile["inner_steps"], reptile["meta_optimizer"]) == (0.02, 5, "sgd")  # fmt: skip
+    assert (reptile["meta_lr"], reptile["lr_schedule"]) == (0.1, "linear")
+    imaml = resolved("sinusoid", "algorithm=imaml")
+    assert (imaml["inner_steps"], imaml["lam"], imaml["cg_steps"]) == (10, 1.0, 5)
+    from test_fewshot import OMNIGLOT
+
+    if not (OMNIGLOT / "images_background.zip").is_file():
+        pytest.skip("Omniglot not found")
+    cfg = resolved("omniglot-5w1s", "algorithm=reptile", f"data_dir={OMNIGLOT}")
+    sx, sy, qx, qy = experiment_for(cfg).sample(torch.Generator().manual_seed(0))
+    # training tasks take train_shots support images per class, test tasks the preset's shots
+    assert sx.shape[:2] == (5, 5 * 10) and qx.shape[:2] == (5, 5 * 1)

@@ -297,32 +297,16 @@ def test_ablation_keys_reach_the_learner():
 def test_a_mamlpp_run_with_its_schedules_resumes_exactly(tmp_path):
     """Sinusoid MAML++ with short epochs, so that the multi-step weights, the derivative
     order and the cosine rate all change around the crash (iteration 13, checkpoint 10)."""
+    from test_reliability import crash_and_resume
+
     from metagrad.experiments.config import preset
-    from metagrad.experiments.registry import experiment_for
-    from metagrad.experiments.runs import Run
-    from metagrad.experiments.training import train as train_loop
 
     cfg = preset("sinusoid") | {
         "preset": "sinusoid", "algorithm": "mamlpp", "inner_steps": 2, "iterations": 30,
         "checkpoint_every": 10, "log_every": 10, "lr_schedule": "cosine", "min_meta_lr": 1e-4,
         "epoch_iterations": 4, "msl_epochs": 4, "first_order_epochs": 3, "tensorboard": "false",
     }  # fmt: skip
-    straight = train_loop(experiment_for(cfg), Run(tmp_path / "a"), progress=False)
-    crashing = experiment_for(cfg)
-    step, calls = crashing.train_step, []
-
-    def crash_at_13(maml, batch):
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return step(maml, batch)
-
-    crashing.train_step = crash_at_13
-    with pytest.raises(KeyboardInterrupt):
-        train_loop(crashing, Run(tmp_path / "b"), progress=False)
-    resumed = train_loop(experiment_for(cfg), Run(tmp_path / "b"), progress=False)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):  # fmt: skip
-        assert torch.equal(a, b), name
+    crash_and_resume(cfg, tmp_path)
     assert not (tmp_path / "a" / "tensorboard").exists()  # tensorboard=false
 
 

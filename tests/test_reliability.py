@@ -222,36 +222,44 @@ def test_meta_lr_schedules_follow_their_formula(schedule):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
 
 
+def crash_and_resume(cfg, tmp_path, crash_at=13):
+    """Train ``cfg`` straight through into ``tmp_path/a``; and into ``tmp_path/b`` crash at
+    iteration ``crash_at`` (a KeyboardInterrupt inside the step) and resume from the last
+    checkpoint. Returns both learners."""
+    from metagrad.experiments.registry import experiment_for
+    from metagrad.experiments.training import train as train_loop
+
+    straight = train_loop(experiment_for(cfg), Run(tmp_path / "a"), progress=False)
+    crashing = experiment_for(cfg)
+    step, calls = crashing.train_step, []
+
+    def crash(maml, batch):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return step(maml, batch)
+
+    crashing.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(crashing, Run(tmp_path / "b"), progress=False)
+    every = cfg["checkpoint_every"]
+    assert Run(tmp_path / "b").load()["iteration"] == (crash_at - 1) // every * every
+    resumed = train_loop(experiment_for(cfg), Run(tmp_path / "b"), progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    return straight, resumed
+
+
 def test_a_scheduled_run_resumes_exactly(tmp_path):
     """Crash at iteration 13 of 30 (cosine schedule, SGD), resume from the checkpoint at 10:
     the same parameters and learning rate as a run straight through."""
     from metagrad.experiments.config import preset
-    from metagrad.experiments.registry import experiment_for
-    from metagrad.experiments.training import train as train_loop
 
     cfg = preset("sinusoid") | {
         "preset": "sinusoid", "iterations": 30, "checkpoint_every": 10, "log_every": 10,
         "lr_schedule": "cosine", "meta_optimizer": "sgd", "meta_lr": 0.01,
     }  # fmt: skip
-    straight = train_loop(experiment_for(cfg), Run(tmp_path / "a"), progress=False)
-    crashing = experiment_for(cfg)
-    step, calls = crashing.train_step, []
-
-    def crash_at_13(maml, batch):
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt
-        return step(maml, batch)
-
-    crashing.train_step = crash_at_13
-    with pytest.raises(KeyboardInterrupt):
-        train_loop(crashing, Run(tmp_path / "b"), progress=False)
-    assert Run(tmp_path / "b").load()["iteration"] == 10
-    resumed = train_loop(experiment_for(cfg), Run(tmp_path / "b"), progress=False)
-    for (name, a), b in zip(
-        straight.state_dict().items(), resumed.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    crash_and_resume(cfg, tmp_path)
     lr = [Run(tmp_path / d).load()["optimizer"]["param_groups"][0]["lr"] for d in "ab"]
     assert lr[0] == lr[1]
 
