@@ -224,8 +224,9 @@ def grad_check(
             continue
         if lib == "metagrad":
             assert isinstance(step, Metagrad)  # the verdict is cached: no second check
-            if algorithm == "imaml":  # no executor choice: a linear system per task
-                strategy = "loop (iMAML.meta_backward runs its tasks one by one)"
+            if algorithm == "imaml":  # vmap (float64-checked) or the per-task loop
+                vmapped = step.maml.batched(batch)
+                strategy = "vmap (checked in float64)" if vmapped else "per-task loop"
             else:
                 verdict = step.maml.strategy(batch, steps=steps, first_order=first_order)
                 strategy = f"{verdict.name} ({verdict.reason})"

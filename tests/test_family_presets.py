@@ -170,7 +170,7 @@ def test_reptile_and_imaml_train_and_name_themselves(tmp_path, algorithm, label)
 
 def test_sinusoid_settings_of_reptile_and_imaml_and_train_shots():
     reptile = resolved("sinusoid", "algorithm=reptile")
-    assert (reptile["inner_lr"], reptile["inner_steps"], reptile["meta_optimizer"]) == (0.02, 5, "sgd")  # fmt: skip
+    assert (reptile["inner_lr"], reptile["inner_steps"], reptile["meta_optimizer"]) == (0.01, 5, "sgd")  # fmt: skip
     assert (reptile["meta_lr"], reptile["lr_schedule"]) == (0.1, "linear")
     imaml = resolved("sinusoid", "algorithm=imaml")
     assert (imaml["inner_steps"], imaml["lam"], imaml["cg_steps"]) == (10, 1.0, 5)

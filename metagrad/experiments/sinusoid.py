@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = (
         "threads": 1,  # torch threads; a tiny MLP runs fastest on one (0: torch's default)
         "log_every": 100,
         "checkpoint_every": 2000,
+        "time_limit_min": 0.0,  # stop after this many minutes of training (0: no limit)
         "eval_tasks": 600,
         "eval_shots": [5, 10, 20],
         "eval_steps": 10,

@@ -37,7 +37,9 @@ class Board:
             if isinstance(value, int | float) and key not in ("iteration", "elapsed_s"):
                 tag = key.replace("val_", "val/", 1) if key.startswith("val_") else f"train/{key}"
                 self.writer.add_scalar(tag, value, iteration)
-        self.writer.add_scalar("meta_lr", opt.param_groups[0]["lr"], iteration)
+        lr = opt.param_groups[0].get("lr") if opt.param_groups else None
+        if isinstance(lr, int | float):  # TRPO has no learning rate
+            self.writer.add_scalar("meta_lr", lr, iteration)
         for name, rate in maml.learned_lrs().items():
             r = rate.detach().float().cpu().flatten()
             if r.numel() <= _PER_STEP_MAX:
