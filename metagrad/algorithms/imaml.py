@@ -83,12 +83,14 @@ class iMAML(MAML):  # noqa: N801  (the paper's name)
         """Whether this batch's tasks run under vmap (decided once per device and dtype)."""
         key = (data[0].device.type, data[0].dtype)
         if key not in self._batched:
-            ok = self.vectorize is not False and self.strategy(data, steps=1, first_order=True).vectorize is True  # fmt: skip
-            if ok or self.vectorize:
-                ok = ok and _vmap_matches_loop(self, data)
-                if self.vectorize and not ok:
-                    raise ValueError("vectorize=True is not exact for this model under iMAML; "
-                                     "use vectorize=False or leave it unset")  # fmt: skip
+            ok = (
+                self.vectorize is not False
+                and self.strategy(data, steps=1, first_order=True).vectorize is True
+                and _vmap_matches_loop(self, data)
+            )
+            if self.vectorize and not ok:
+                raise ValueError("vectorize=True is not exact for this model under iMAML; "
+                                 "use vectorize=False or leave it unset")  # fmt: skip
             self._batched[key] = ok
         return self._batched[key]
 

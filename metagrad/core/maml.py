@@ -175,11 +175,10 @@ class MAML(nn.Module):
               first_order: bool | None = None) -> Adapted:  # fmt: skip
         """Adapt to one task (no task dimension); returns a callable adapted model whose
         parameters are differentiable w.r.t. the meta-parameters unless first order."""
-        buffers = dict(self.model.named_buffers())
-        fast = adapt(support_loss(self.model, self.loss_fn, buffers, x, y), self._params(),
-                     self.spec(steps, first_order), self.hyper(), lr=lr)  # fmt: skip
+        buffers, spec = dict(self.model.named_buffers()), self.spec(steps, first_order)
+        fast = adapt(support_loss(self.model, self.loss_fn, buffers, x, y), self._params(), spec,
+                     self.hyper(), lr=lr)  # fmt: skip
         assert isinstance(fast, dict)
-        spec = self.spec(steps)
         return Adapted(self.model, fast, buffers, max(spec.steps - 1, 0) if spec.stepwise else None)
 
     @torch.no_grad()

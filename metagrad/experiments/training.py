@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -172,7 +172,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
     count = 0
     clip = float(cfg.get("clip_grad_value", 0.0))
     tb = board(cfg, run, start) if main else None
-    with _deferred_interrupts() as flag:
+    # the event file is closed however the loop ends (done, diverged, interrupted, an error)
+    with _deferred_interrupts() as flag, closing(tb) if tb is not None else nullcontext():
         tick = time.perf_counter()
         for it in range(start, total):
             batch, weight = world.shard(exp.sample(generator))
@@ -210,8 +211,6 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
             # the same on every rank, so that all of them stop at the same iteration
             if (logged or val_due or saving or stop) and not skip and int(bad_at):
                 bar.close()  # nothing more is logged, validated or checkpointed
-                if tb is not None:
-                    tb.close()
                 raise _diverged(cfg, run, int(bad_at), bad_ok)
             row: dict[str, Any] = {}
             if logged:
@@ -246,8 +245,6 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 elapsed += time.perf_counter() - tick
                 checkpoint(done)
                 bar.close()
-                if tb is not None:
-                    tb.close()
                 by = flag["stop"] or "a signal to another process"
                 raise Interrupted(
                     f"stopped by {by} at iteration {done}/{total}; checkpoint saved, "
@@ -255,8 +252,6 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 )
         elapsed += time.perf_counter() - tick
     bar.close()
-    if tb is not None:
-        tb.close()
     extra = world.on_main(lambda: exp.finalize(maml), "the final step")
     exp.apply_extra(maml, extra)
     checkpoint(max(total, start), extra | {"final_iteration": max(total, start)})
