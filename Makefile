@@ -8,7 +8,7 @@ BENCH_VENV := .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: demo test test-fast typecheck lint format bench clean
+.PHONY: demo test test-fast typecheck lint format bench docs clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,12 @@ demo: $(STAMP)
 	$(BIN)/python -m metagrad.experiments.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check metagrad tests benchmarks
-	$(BIN)/ruff format --check metagrad tests benchmarks
+	$(BIN)/ruff check metagrad tests benchmarks examples docs/hooks.py
+	$(BIN)/ruff format --check metagrad tests benchmarks examples docs/hooks.py
 
 format: $(STAMP)
-	$(BIN)/ruff format metagrad tests benchmarks
-	$(BIN)/ruff check --fix metagrad tests benchmarks
+	$(BIN)/ruff format metagrad tests benchmarks examples docs/hooks.py
+	$(BIN)/ruff check --fix metagrad tests benchmarks examples docs/hooks.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -36,6 +36,10 @@ test: lint typecheck
 # the unit tests alone (under a minute): everything not marked slow
 test-fast: lint typecheck
 	$(BIN)/pytest -m "not slow"
+
+# the documentation site into site/ (broken links and missing references fail the build)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Peers (higher, TorchOpt) live in their own venv; torch stays pinned by the constraints file.
 $(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt benchmarks/constraints.txt
@@ -53,4 +57,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/bench_maml.py --config all $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .ruff_cache

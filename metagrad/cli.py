@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The `metagrad` argument parser (the docs render its help)."""
     ap = argparse.ArgumentParser(
         prog="metagrad", description="Gradient-based meta-learning (MAML) experiments."
     )
@@ -72,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run", help="run directory")
     pl.add_argument("--baseline", help="a baseline run directory to draw beside it")
     _common(pl)
-    pr = sub.add_parser("presets", help="list the presets")
+    pr = sub.add_parser("presets", help="list the presets, or one preset's config keys")
+    pr.add_argument("name", nargs="?", help="a preset: print its keys, values and meanings")
     _common(pr)
     return ap
 
@@ -291,8 +293,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .experiments.config import presets
+    from .experiments.config import preset, presets
+    from .experiments.keys import describe, format_value
 
+    if args.name:
+        cfg = preset(args.name)
+        print(f"{args.name}: {presets()[args.name]}")
+        width = max(map(len, cfg))
+        for key, value in cfg.items():
+            print(f"  {key:<{width}} = {format_value(value):<12}  {describe(key)}")
+        return 0
     items = presets()
     width = max(map(len, items))
     for name, desc in items.items():
@@ -329,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.argv = argv
     if args.seed is not None:
         torch.manual_seed(args.seed)

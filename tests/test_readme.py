@@ -16,7 +16,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_api_example_runs():
     text = README.read_text()
-    block = re.search(r"## The API\n\n```python\n(.*?)```", text, re.S).group(1)
+    block = re.search(
+        r"## Quick start: meta-train your own model\n\n```python\n(.*?)```", text, re.S
+    ).group(1)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["fast"](scope["x"]).shape == (10, 1)

@@ -16,7 +16,19 @@ from ..core.functional import LossFn
 
 class ANIL(MAML):
     """``MAML(model, loss_fn, adapt=[head], ...)``: ``head`` names the head's parameters by
-    prefix (``"classifier"`` adapts ``classifier.weight`` and ``classifier.bias``)."""
+    prefix (``"classifier"`` adapts ``classifier.weight`` and ``classifier.bias``).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> from torch import nn
+        >>> net = nn.Sequential()
+        >>> net.add_module("body", nn.Sequential(nn.Linear(4, 16), nn.ReLU()))
+        >>> net.add_module("head", nn.Linear(16, 3))
+        >>> anil = mg.ANIL(net, F.cross_entropy, head="head", inner_lr=0.1, inner_steps=2)
+        >>> anil.spec().adapts  # the body is meta-learned, never adapted
+        ('head.weight', 'head.bias')
+    """
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, head: str = "head", **kwargs: Any

@@ -36,7 +36,21 @@ from .common import add_to_grad, refuse
 class iMAML(MAML):  # noqa: N801  (the paper's name)
     """``meta_backward`` accumulates the implicit meta-gradient into ``.grad`` of the model's
     parameters (all of them adapt). ``vectorize``: ``None`` (vmap where exact and expected
-    faster: small dense models on CPU, any model on CUDA), ``True`` or ``False``."""
+    faster: small dense models on CPU, any model on CUDA), ``True`` or ``False``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> imaml = mg.iMAML(model, F.mse_loss, inner_lr=0.01, inner_steps=10, lam=1.0, cg_steps=5)
+        >>> opt = torch.optim.Adam(imaml.parameters(), lr=1e-3)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sx, sy, qx, qy = mg.tasks.SinusoidTasks().sample(4, 10, 10, g).tensors()
+        >>> loss = imaml.meta_backward(sx, sy, qx, qy)  # fills .grad: no graph through the steps
+        >>> model[0].weight.grad is not None
+        True
+        >>> opt.step()
+    """
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.1, inner_steps: int = 16,

@@ -56,6 +56,21 @@ class MAMLpp(MAML):
 
     Call :meth:`schedule` with the iteration before each meta-iteration (``metagrad train``
     does); the learner starts at iteration 0's settings.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> net = mg.models.mamlpp_conv4(ways=5, steps=3, image=28, in_channels=1, filters=8)
+        >>> mpp = mg.MAMLpp(net, F.cross_entropy, inner_lr=0.1, inner_steps=3,
+        ...                 msl_epochs=10, epoch_iterations=500)
+        >>> mpp.step_weights  # the multi-step loss at epoch 0: every step alike
+        tensor([0.3333, 0.3333, 0.3333])
+        >>> mpp.schedule(4_999)  # epoch 9: the earlier steps' weights decayed towards 0
+        >>> mpp.step_weights
+        tensor([0.0333, 0.0333, 0.9333])
+        >>> mpp.schedule(5_000)  # from epoch 10 on: the last step's loss alone
+        >>> mpp.step_weights is None
+        True
     """
 
     def __init__(

@@ -16,7 +16,18 @@ from ..core.functional import LossFn
 
 
 class MetaSGD(MAML):
-    """``MAML(model, loss_fn, learn_lr="per-parameter", ...)``."""
+    """``MAML(model, loss_fn, learn_lr="per-parameter", ...)``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> model = torch.nn.Linear(3, 1)
+        >>> msgd = mg.MetaSGD(model, F.mse_loss, inner_lr=0.01)
+        >>> {n: tuple(r.shape) for n, r in msgd.learned_lrs().items()}  # a rate per entry
+        {'weight': (1, 3), 'bias': (1,)}
+        >>> len(list(msgd.parameters()))  # the model's two tensors and their two rates
+        4
+    """
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01, **kwargs: Any

@@ -23,7 +23,19 @@ from .common import add_to_grad, refuse
 
 class Reptile(MAML):
     """``meta_backward`` accumulates ``theta - mean_t phi_t`` into ``.grad``; the tasks'
-    adaptations run under ``vmap`` where the float64 check allows, else one by one."""
+    adaptations run under ``vmap`` where the float64 check allows, else one by one.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> reptile = mg.Reptile(model, F.mse_loss, inner_lr=0.01, inner_steps=5)
+        >>> opt = torch.optim.SGD(reptile.parameters(), lr=0.1)  # the outer step size
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sx, sy, qx, qy = mg.tasks.SinusoidTasks().sample(4, 10, 1, g).tensors()
+        >>> loss = reptile.meta_backward(sx, sy, qx, qy)  # .grad = theta - mean of the phis
+        >>> opt.step()
+    """
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.001, inner_steps: int = 5,

@@ -81,6 +81,19 @@ def adapt(
     Only ``spec.adapts`` change; the others stay the same tensors. ``lr`` overrides a fixed
     rate (evaluation step sizes); learned rates always come from ``hyper``. Returns the
     adapted parameters, or with ``every_step`` the list after each step.
+
+    Example (any scalar loss of a parameter dict; a learner provides the spec):
+        >>> import torch, torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> from metagrad.core import adapt, forward
+        >>> model = torch.nn.Linear(1, 1)
+        >>> maml = mg.MAML(model, F.mse_loss, inner_lr=0.1)
+        >>> x = torch.linspace(-1, 1, 8).view(-1, 1)
+        >>> loss = lambda p: F.mse_loss(forward(model, p, {}, x), 3 * x)
+        >>> params = dict(model.named_parameters())
+        >>> fast = adapt(loss, params, maml.spec(), maml.hyper(), steps=20)
+        >>> bool(loss(fast) < loss(params))  # fast is differentiable w.r.t. params
+        True
     """
     steps = spec.steps if steps is None else steps
     first_order = spec.first_order if first_order is None else first_order

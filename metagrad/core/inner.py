@@ -58,7 +58,17 @@ class SGD:
 
 @dataclass(frozen=True)
 class Adam:
-    """Inner-loop Adam with torch.optim.Adam's bias-corrected update."""
+    """Inner-loop Adam with torch.optim.Adam's bias-corrected update.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> model = torch.nn.Linear(2, 1)
+        >>> maml = mg.MAML(model, F.mse_loss, inner_lr=0.001, inner_steps=5,
+        ...                inner_optimizer=mg.inner.Adam(betas=(0.0, 0.999)))
+        >>> maml.spec().rule
+        Adam(betas=(0.0, 0.999), eps=1e-08)
+    """
 
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

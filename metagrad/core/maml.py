@@ -45,6 +45,22 @@ class MAML(nn.Module):
             against eager autograd; ``None`` compiles on CUDA and falls back to eager.
         channels_last: per-task query passes in ``channels_last`` (``None``: CPU conv nets).
         checkpoint: recompute each inner step in backward (memory of one step; exact, eager).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import metagrad as mg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> maml = mg.MAML(model, F.mse_loss, inner_lr=0.01, inner_steps=1)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sx, sy, qx, qy = mg.tasks.SinusoidTasks().sample(4, 5, 5, g).tensors()
+        >>> sx.shape  # [tasks, shots, ...]
+        torch.Size([4, 5, 1])
+        >>> maml.meta_loss(sx, sy, qx, qy).backward()  # the meta-gradient lands on the model
+        >>> model[0].weight.grad.shape
+        torch.Size([8, 1])
+        >>> fast = maml.adapt(sx[0], sy[0], steps=3)  # one task: no task dimension
+        >>> fast(qx[0]).shape
+        torch.Size([5, 1])
     """
 
     def __init__(

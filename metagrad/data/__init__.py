@@ -1,6 +1,8 @@
-"""Few-shot image-classification data: Omniglot, MiniImagenet and a vectorised task sampler."""
+"""Few-shot image-classification data: Omniglot, MiniImagenet, your own image folders and a
+vectorised task sampler."""
 
 from .errors import DataError
+from .folder import load_image_folder
 from .miniimagenet import load_miniimagenet
 from .omniglot import (
     OmniglotArrays,
@@ -18,6 +20,7 @@ __all__ = [
     "OmniglotArrays",
     "TaskBatch",
     "download_omniglot",
+    "load_image_folder",
     "load_miniimagenet",
     "load_omniglot",
     "omniglot_split_indices",

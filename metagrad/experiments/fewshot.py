@@ -1,4 +1,5 @@
-"""Few-shot image classification: Omniglot and MiniImagenet (MAML paper, Table 1).
+"""Few-shot image classification: Omniglot and MiniImagenet (MAML paper, Table 1), and the
+user's own image folders (``folder-*`` presets, :func:`metagrad.data.load_image_folder`).
 
 Inner loss: metagrad uses the *mean* cross-entropy over the support set. The original
 TensorFlow code (cbfinn/maml, ``utils.xent``) divides the per-example cross-entropy by K
@@ -28,7 +29,7 @@ from torch.nn import functional as F
 
 from ..core import MAML
 from ..errors import ConfigError
-from ..models import FCNet, mamlpp_conv4, miniimagenet_conv4, omniglot_conv4
+from ..models import Conv4, FCNet, mamlpp_conv4, miniimagenet_conv4, omniglot_conv4
 from .base import Batch, Experiment
 from .options import FAMILY, OUTER, algorithm_label, build_learner, compile_option, vectorize_option
 from .runs import Run
@@ -130,11 +131,29 @@ _MAMLPP = {
     )
 }  # fmt: skip
 
+
+def _folder(shots: int, batch: int) -> dict[str, Any]:
+    # MiniImagenet's settings: the closest published ones for natural images
+    return COMMON | {
+        "experiment": "folder", "ways": 5, "shots": shots, "queries": 15,
+        "meta_batch": batch, "inner_steps": 5, "inner_lr": 0.01, "eval_steps": 10,
+        "filters": 32, "image_size": 84, "channels": 3,
+    }  # fmt: skip
+
+
+_FOLDER = {
+    f"folder-5w{shots}s": (f"your image folders (--data-dir ROOT; ROOT/train, val and test hold "
+                           f"a folder per class), 5-way {shots}-shot, MiniImagenet's settings: "
+                           f"conv4 32 filters, batch {batch}, 5 steps a=0.01", _folder(shots, batch))
+    for shots, batch in ((1, 4), (5, 2))
+}  # fmt: skip
+
 #: name -> (description, defaults); each paper preset also as NAME-fo, first order
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     **_PAPER,
     **{f"{n}-fo": (d + ", first order", c | {"first_order": True}) for n, (d, c) in _PAPER.items()},
     **_MAMLPP,
+    **_FOLDER,
 }
 
 
@@ -301,3 +320,68 @@ class MiniImagenetExperiment(FewShotExperiment):
         if self.cfg["model"] == "conv4-mamlpp":
             return self.step_conv4(84, 3)
         return miniimagenet_conv4(self.cfg["ways"], self.cfg["filters"])
+
+
+class ImageFolderExperiment(FewShotExperiment):
+    """The user's own images, ``ROOT/{train,val,test}/<class name>/<images>`` (``--data-dir
+    ROOT``), resized to ``image_size`` with ``channels`` 1 or 3; conv4 with max-pooling as
+    for MiniImagenet, its linear layer sized for ``image_size``."""
+
+    dataset = "folder"
+
+    def __init__(self, cfg, device) -> None:
+        super().__init__(cfg, device)
+        if cfg["channels"] not in (1, 3):
+            raise ConfigError(f"bad value {cfg['channels']!r} for channels: choose 1 or 3")
+        if cfg["image_size"] < (16 if cfg["model"] != "mlp" else 1):
+            raise ConfigError(
+                f"image_size={cfg['image_size']} is too small for {cfg['model']} (four 2x2 "
+                "poolings): use 16 or more"
+            )
+
+    @property
+    def data_dir(self) -> Path:
+        if not self.cfg["data_dir"]:
+            raise ConfigError(
+                "the folder presets read your images: pass --data-dir ROOT, with the images in "
+                "ROOT/train/<class name>/, ROOT/val/... and ROOT/test/..."
+            )
+        return super().data_dir
+
+    def load_split(self, split: str):
+        from ..data import load_image_folder
+
+        cfg = self.cfg
+        ds = load_image_folder(self.data_dir, split, cfg["image_size"], cfg["channels"])
+        where, classes, per_class = self.data_dir / split, len(ds), ds.images.shape[1]
+        if classes < cfg["ways"]:
+            raise ConfigError(
+                f"{where} has {classes} classes, fewer than ways={cfg['ways']}: add classes or "
+                f"--set ways={classes}"
+            )
+        # what this split's tasks draw per class: (support, query, the key that sets query)
+        if split == "train":
+            need = [(cfg["train_shots"] or cfg["shots"], cfg["queries"], "queries")]
+        else:
+            need = [(cfg["shots"], cfg["eval_queries"], "eval_queries")]
+            if split == "test":  # the paper protocol: as many queries as shots
+                need.append((cfg["shots"], cfg["shots"], "shots"))
+        for shots, queries, key in need:
+            if shots + queries > per_class:
+                raise ConfigError(
+                    f"{where} has {per_class} images per class (its smallest class), but its "
+                    f"tasks take {shots} support + {queries} query images per class: add images "
+                    f"or lower --set {key}="
+                )
+        return ds.sampler(rotation="none")
+
+    def network(self) -> torch.nn.Module:
+        cfg = self.cfg
+        size, channels = cfg["image_size"], cfg["channels"]
+        if cfg["model"] == "mlp":
+            return FCNet(cfg["ways"], channels * size * size)
+        if cfg["model"] == "conv4-mamlpp":
+            return self.step_conv4(size, channels)
+        side = size // 16  # after four 2x2 max-poolings
+        return Conv4(cfg["ways"], channels, cfg["filters"], stride=1, pool=True,
+                     spatial_mean=False, features=cfg["filters"] * side * side)  # fmt: skip

@@ -8,7 +8,7 @@ from ..errors import ConfigError
 from . import fewshot, rl, sinusoid
 from .base import Experiment
 from .config import Config, preset, presets
-from .fewshot import MiniImagenetExperiment, OmniglotExperiment
+from .fewshot import ImageFolderExperiment, MiniImagenetExperiment, OmniglotExperiment
 from .rl import RLExperiment
 from .sinusoid import SinusoidExperiment
 
@@ -19,6 +19,7 @@ EXPERIMENTS: dict[str, type[Experiment]] = {
     "sinusoid": SinusoidExperiment,
     "omniglot": OmniglotExperiment,
     "miniimagenet": MiniImagenetExperiment,
+    "folder": ImageFolderExperiment,
     "rl": RLExperiment,
 }
 

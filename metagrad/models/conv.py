@@ -12,11 +12,10 @@ current batch, at training and test time), ReLU, then a linear layer.
 ``FCNet``: the paper's non-convolutional Omniglot network, 256-128-64-64 with BatchNorm
 and ReLU.
 
-Difference from the original TensorFlow code: there the BatchNorm offsets are
-meta-learned but not adapted in the inner loop (and it has no scale); by default here every
-parameter, BatchNorm's included, takes part in the inner loop, like the PyTorch ports. The
-presets' ``--set adapt=no-norm`` gives the original's choice (what adapts is the learner's
-business, not the model's: ``MAML(adapt=...)``).
+In the original TensorFlow code the BatchNorm offsets are meta-learned but not adapted in
+the inner loop (and it has no scale). What adapts is the learner's business, not the
+model's: ``MAML(adapt=None)`` adapts every parameter, BatchNorm's included, like the
+PyTorch ports; the presets default to ``adapt=no-norm``, the original's choice.
 """
 
 from __future__ import annotations
@@ -41,6 +40,20 @@ def _block(cin: int, cout: int, stride: int, pool: bool, norm: nn.Module | None 
 
 
 class Conv4(nn.Module):
+    """Four blocks of 3x3 convolution, BatchNorm (batch statistics), ReLU (and 2x2
+    max-pooling with ``pool``), then a linear layer to ``ways`` logits: the spatial mean of
+    the last block's output (``spatial_mean``) or its ``features`` flattened values.
+
+    Example:
+        >>> import torch
+        >>> import metagrad as mg
+        >>> net = mg.models.omniglot_conv4(ways=5)
+        >>> net(torch.zeros(10, 1, 28, 28)).shape
+        torch.Size([10, 5])
+        >>> mg.models.miniimagenet_conv4(ways=5)(torch.zeros(2, 3, 84, 84)).shape
+        torch.Size([2, 5])
+    """
+
     def __init__(
         self,
         ways: int,
@@ -92,10 +105,12 @@ class StepConv4(Conv4):
 
 
 def omniglot_conv4(ways: int, filters: int = 64) -> Conv4:
+    """The MAML paper's Omniglot network: stride-2 convolutions, spatial mean, 28x28x1 in."""
     return Conv4(ways, 1, filters, stride=2, pool=False, spatial_mean=True)
 
 
 def miniimagenet_conv4(ways: int, filters: int = 32) -> Conv4:
+    """The MAML paper's MiniImagenet network: 2x2 max-pooling, 84x84x3 in."""
     return Conv4(ways, 3, filters, stride=1, pool=True, spatial_mean=False, features=filters * 25)
 
 
@@ -103,7 +118,16 @@ def mamlpp_conv4(ways: int, steps: int, *, image: int = 28, in_channels: int = 1
                  filters: int = 64, per_step_weights: bool = True,
                  per_step_stats: bool = False) -> StepConv4:  # fmt: skip
     """MAML++'s conv4 for ``image`` x ``image`` inputs (Omniglot 28: 64 filters;
-    MiniImagenet 84, 3 channels: the reference code's 48 filters)."""
+    MiniImagenet 84, 3 channels: the reference code's 48 filters), with a BatchNorm row per
+    inner step (``steps``); its ``forward(x, step=k)`` runs at step ``k``.
+
+    Example:
+        >>> import torch
+        >>> import metagrad as mg
+        >>> net = mg.models.mamlpp_conv4(ways=5, steps=5, filters=8)
+        >>> net(torch.zeros(4, 1, 28, 28), step=2).shape
+        torch.Size([4, 5])
+    """
     side = image
     for _ in range(4):
         side //= 2

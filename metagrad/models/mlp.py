@@ -8,7 +8,14 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Module):
-    """``in -> hidden... -> out`` with ReLU between layers (none after the last)."""
+    """``in -> hidden... -> out`` with ReLU between layers (none after the last).
+
+    Example:
+        >>> import torch
+        >>> import metagrad as mg
+        >>> mg.models.MLP(1, [40, 40], 1)(torch.zeros(10, 1)).shape  # the sinusoid regressor
+        torch.Size([10, 1])
+    """
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int) -> None:
         super().__init__()

@@ -18,6 +18,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class SinusoidBatch:
+    """A batch of sinusoid tasks: support and query points, and each task's parameters."""
+
     support_x: Tensor  # [tasks, shots, 1]
     support_y: Tensor
     query_x: Tensor  # [tasks, queries, 1]
@@ -31,6 +33,19 @@ class SinusoidBatch:
 
 @dataclass(frozen=True)
 class SinusoidTasks:
+    """The MAML paper's sinusoid task distribution: ``y = A sin(x - phi)``, ``A`` uniform in
+    ``amplitude``, ``phi`` in ``phase``, points ``x`` in ``x_range``.
+
+    Example:
+        >>> import torch
+        >>> import metagrad as mg
+        >>> g = torch.Generator().manual_seed(0)
+        >>> batch = mg.tasks.SinusoidTasks().sample(25, 10, 10, g)  # 25 tasks, K = 10
+        >>> sx, sy, qx, qy = batch.tensors()
+        >>> sx.shape, qy.shape, batch.amplitude.shape
+        (torch.Size([25, 10, 1]), torch.Size([25, 10, 1]), torch.Size([25]))
+    """
+
     amplitude: tuple[float, float] = (0.1, 5.0)
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
