@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("runs", nargs="+", help="run directories")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.add_argument(
+        "--over-seeds", action="store_true",
+        help="the runs are one configuration trained with different seeds: print the mean "
+        "over them with a 95%% CI over seeds",
+    )  # fmt: skip
+    e.add_argument(
         "--checkpoint", choices=["best", "last"], default="best",
         help="best: the best validated parameters when the run has them (eval.json); "
         "last: the parameters training ended with (eval-last.json)",
@@ -263,11 +268,13 @@ def _train_locked(args: argparse.Namespace, device: torch.device, world, cfg: di
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .experiments.evaluation import evaluate_run, format_table
+    from .experiments.evaluation import evaluate_run, format_table, over_seeds
     from .experiments.runs import Run
 
     device = _device(args.device)
     results = [evaluate_run(Run(r), device, checkpoint=args.checkpoint) for r in args.runs]
+    if args.over_seeds:
+        results = [over_seeds(results)]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
     else:

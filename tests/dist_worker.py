@@ -60,6 +60,16 @@ class HangingSinusoid(SinusoidExperiment):
         return super().train_step(maml, batch)
 
 
+# 5 and 3 tasks over 2 ranks: shards of 2 and 3, 1 and 2
+RL_CASES = {
+    "rl-nav": ("rl-nav2d", {"meta_batch": 5, "rollouts": 3, "horizon": 20, "cg_iters": 3}),
+    "rl-cheetah": (
+        "rl-cheetah-vel",
+        {"meta_batch": 3, "rollouts": 2, "horizon": 10, "cg_iters": 3},
+    ),
+}
+
+
 def sinusoid_cfg(**kw: object) -> dict:
     return preset("sinusoid") | {"preset": "sinusoid", "log_every": 1} | kw
 
@@ -82,6 +92,12 @@ def experiment(case: str, rank: int = 0) -> Experiment:
     if case == "timelimit":  # the ranks must agree on the iteration the time runs out
         cfg = sinusoid_cfg(iterations=10**6, meta_batch=4, time_limit_min=0.005)
         return SinusoidExperiment(cfg, CPU)
+    if case in RL_CASES:  # meta-RL: each rank samples its tasks' paths, TRPO reduced
+        name, kw = RL_CASES[case]
+        cfg = preset(name) | {"preset": name, "iterations": 2, "val_every": 0, "log_every": 1}
+        from metagrad.experiments.rl import RLExperiment
+
+        return RLExperiment(cfg | kw, CPU)
     if case == "hang":
         exp = HangingSinusoid(sinusoid_cfg(iterations=1000, meta_batch=4), CPU)
         exp.rank = rank

@@ -127,6 +127,38 @@ def test_two_ranks_match_one_process(tmp_path, one_thread):
     assert not list(tmp_path.glob("*/*.tmp"))
 
 
+def test_two_ranks_match_one_process_meta_rl(tmp_path, one_thread):
+    pytest.importorskip("gymnasium")
+    cases = ["rl-nav", "rl-cheetah"]
+    for case in cases:
+        (tmp_path / case).mkdir()
+    code = D.launch(
+        [sys.executable, str(HERE / "dist_worker.py"), str(tmp_path), *cases], 2,
+        env=env(), hint="",
+    )  # fmt: skip
+    errors = {p.name: p.read_text() for p in tmp_path.glob("*.err")}
+    assert code == 0 and not errors, errors
+    worker = _worker_module()
+    for case in cases:
+        ranks = [load(tmp_path / f"{case}-rank{r}.pt") for r in range(2)]
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), case
+        single = fresh_run(tmp_path / f"{case}-single")
+        maml = train(worker.experiment(case), single, progress=False)
+        assert_params_close(ranks[0], maml.state_dict())
+        assert any(not torch.equal(ranks[0][k], v) for k, v in _initial(worker, case).items())
+        multi, one = Run(tmp_path / case).metrics(), single.metrics()
+        for key in ("return_pre", "return_post", "kl"):  # the whole meta-batch's, as one process
+            torch.testing.assert_close(
+                torch.tensor([r[key] for r in multi]), torch.tensor([r[key] for r in one]),
+                rtol=1e-4, atol=1e-6,
+            )  # fmt: skip
+
+
+def _initial(worker, case: str) -> dict:
+    torch.manual_seed(worker.experiment(case).cfg["seed"])
+    return worker.experiment(case).build().state_dict()
+
+
 def test_shards_cover_the_batch_once():
     for total, world in [(5, 2), (4, 2), (32, 3), (3, 3)]:
         bounds = [D.shard_bounds(total, r, world) for r in range(world)]
@@ -158,12 +190,23 @@ def _rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
+KILLED = {  # preset, its small settings, the checkpoint interval
+    "sinusoid": ("sinusoid", [], 50),
+    "meta-rl": ("rl-nav2d", ["rollouts=2", "horizon=10", "cg_iters=2", "val_every=0"], 2),
+}
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_killed_rank_stops_the_other_and_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("case", sorted(KILLED))
+def test_killed_rank_stops_the_other_and_keeps_the_checkpoint(tmp_path, case):
+    if case == "meta-rl":
+        pytest.importorskip("gymnasium")
+    name, small, every = KILLED[case]
     out = tmp_path / "run"
-    args = ["train", "sinusoid", "--nproc", "2", "--out", str(out), "--set", "meta_batch=4",
-            "--set", "iterations=1000000", "--set", "checkpoint_every=50", "--set",
-            "log_every=50", "--dist-timeout", "30", "--no-eval", "--quiet"]  # fmt: skip
+    sets = [a for kv in small for a in ("--set", kv)]
+    args = ["train", name, "--nproc", "2", "--out", str(out), "--set", "meta_batch=4",
+            "--set", "iterations=1000000", "--set", f"checkpoint_every={every}", "--set",
+            f"log_every={every}", *sets, "--dist-timeout", "30", "--no-eval", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "metagrad", *args], stderr=subprocess.PIPE, text=True, env=env()
     )
@@ -189,11 +232,12 @@ def test_killed_rank_stops_the_other_and_keeps_the_checkpoint(tmp_path):
     assert not any(Path(f"/proc/{p}").exists() for p in ranks.values())  # none left behind
     state = Run(out).load()  # intact: loadable, at a checkpointed iteration
     stopped_at = state["iteration"]
-    assert stopped_at > 0 and stopped_at % 50 == 0
+    assert stopped_at > 0 and stopped_at % every == 0
     # it resumes from there (here on one process)
-    more = ["--set", f"iterations={stopped_at + 10}", "--no-eval", "--quiet"]
-    assert cli("train", "sinusoid", "--out", str(out), *more).returncode == 0
-    assert Run(out).load()["iteration"] == stopped_at + 10
+    more = ["--set", "meta_batch=4", *sets, "--set", f"checkpoint_every={every}"]
+    more += ["--set", f"log_every={every}", "--set", f"iterations={stopped_at + 2}", "--no-eval"]
+    assert cli("train", name, "--out", str(out), *more).returncode == 0
+    assert Run(out).load()["iteration"] == stopped_at + 2
 
 
 def test_hung_rank_times_out(tmp_path):

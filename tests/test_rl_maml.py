@@ -180,7 +180,8 @@ def test_per_task_policies_and_oracle_observations():
 
 def nav_cfg(**kw):
     cfg = preset("rl-nav2d") | {"preset": "rl-nav2d"}
-    cfg |= {"meta_batch": 8, "rollouts": 10, "horizon": 50, "eval_tasks": 8, "eval_rollouts": 5}
+    cfg |= {"meta_batch": 8, "rollouts": 10, "horizon": 50, "eval_tasks": 8, "eval_env_steps": 250}
+    cfg |= {"val_tasks": 4, "tune_tasks": 4, "eval_lr_grid": [0.1, 0.5]}
     return cfg | kw
 
 
@@ -198,7 +199,7 @@ def test_short_seeded_navigation_run_adapts(tmp_path):
     result = exp.evaluate(maml)  # ...and on the test tasks
     trained, rand = (
         result["results"]["trained"]["return"],
-        result["results"]["random init"]["return"],
+        result["results"]["random"]["return"],
     )
     assert trained[1] > trained[0] and trained[0] > rand[0]
 
@@ -215,7 +216,8 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-SMOKE = ["--set", "eval_tasks=3", "--set", "eval_rollouts=2", "--quiet"]
+SMOKE = ["--set", "eval_tasks=3", "--set", "eval_env_steps=16", "--set", "val_tasks=2"]
+SMOKE += ["--set", "tune_tasks=2", "--set", "eval_lr_grid=[0.1,0.5]", "--quiet"]
 
 
 def test_cli_nav_train_eval_plot(tmp_path, capsys):
@@ -224,11 +226,11 @@ def test_cli_nav_train_eval_plot(tmp_path, capsys):
     assert (
         main(["train", "rl-nav2d", "--set", "iterations=2", *small, *SMOKE, "--out", str(out)]) == 0
     )
-    assert "random init" in capsys.readouterr().out
+    assert "random" in capsys.readouterr().out
     assert main(["eval", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == "maml" and result["steps"] == [0, 1, 2, 3]
-    assert set(result["results"]) == {"trained", "random init"}
+    assert set(result["results"]) == {"trained", "random"}
     assert len(result["results"]["trained"]["return"]) == 4
     pre = tmp_path / "pre"
     args = ["--set", "method=pretrain", "--set", "iterations=1", "--no-eval", "--quiet"]

@@ -106,3 +106,18 @@ def test_workers_match_in_process(start_method: str) -> None:
     _check_navigation(tr_w, tasks, 3)
     for name in ("obs", "actions", "rewards", "mask"):
         torch.testing.assert_close(getattr(tr_w, name), getattr(tr, name))
+
+
+def test_a_shard_gets_the_paths_it_gets_in_the_whole_batch() -> None:
+    # several processes each sample their tasks' paths: together, one process's paths
+    rng = np.random.default_rng(0)
+    tasks = VectorSampler(NAV, max_path_length=12).sample_tasks(5, rng)
+    policy = GaussianMLPPolicy(2, 2, (8,))
+    whole = VectorSampler(NAV, max_path_length=12, seed=3).sample(policy, tasks, 3)
+    part = VectorSampler(NAV, max_path_length=12, seed=3).sample(policy, tasks, 3, shard=(1, 4))
+    rows = slice(3, 12)
+    for name in ("obs", "actions", "rewards", "mask", "lengths"):
+        assert torch.equal(getattr(part, name), getattr(whole, name)[rows]), name
+    assert part.tasks == tasks[1:4] and torch.equal(part.task_index, torch.arange(9) // 3)
+    with pytest.raises(ValueError, match="shard"):
+        VectorSampler(NAV, max_path_length=12).sample(policy, tasks, 3, shard=(4, 4))

@@ -163,8 +163,17 @@ class World:
         return self.rank == 0
 
     def shard(self, batch: Any) -> tuple[Any, float]:
-        """This rank's part of a meta-batch and its weight (its share of the tasks)."""
+        """This rank's part of a meta-batch and its weight (its share of the tasks).
+
+        A batch with a ``shard(world)`` method shards itself (meta-RL: the batch is a seed
+        and the rank samples its own tasks' paths)."""
+        if hasattr(batch, "shard"):
+            return batch.shard(self)
         return batch, 1.0
+
+    def all_reduce(self, tensor: Tensor, where: str = "") -> Tensor:
+        """The sum of ``tensor`` over ranks (a new tensor; here, a copy)."""
+        return tensor.clone()
 
     def reduce_step(
         self,
@@ -255,6 +264,8 @@ class DistributedWorld(World):
 
     # -------------------------------------------------------------- World interface
     def shard(self, batch: Any) -> tuple[Any, float]:
+        if hasattr(batch, "shard"):
+            return batch.shard(self)
         if not isinstance(batch, tuple | list) or not all(isinstance(t, Tensor) for t in batch):
             raise ConfigError(
                 "this experiment's batches are not tuples of task tensors; it cannot be "
@@ -307,6 +318,11 @@ class DistributedWorld(World):
         values = flat[offset:].tolist()
         reduced = dict(zip(metrics, values[: len(metrics)], strict=True))
         return reduced, [v > 0 for v in values[len(metrics) :]]
+
+    def all_reduce(self, tensor: Tensor, where: str = "") -> Tensor:
+        out = tensor.detach().clone()
+        self._guard(where or "an all-reduce", lambda: self._dist.all_reduce(out))
+        return out
 
     def broadcast_module(self, module: nn.Module, where: str = "") -> None:
         def run() -> None:

@@ -34,6 +34,37 @@ def evaluate_run(
     return result
 
 
+def over_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of one configuration that differ in their training seed, as one result:
+    per setting and step, the mean over runs of their mean metric, with the 95% CI over
+    runs (``ci95``, 1.96 standard errors; 0 for one run) and the standard deviation
+    (``std``). The interval is about the training seed, not the test tasks."""
+    from ..errors import ConfigError
+    from .stats import mean_ci95
+
+    first = results[0]
+    metric, steps, settings = first["metric"], first["steps"], list(first["results"])
+    for res in results[1:]:
+        if (res["metric"], res["steps"], list(res["results"])) != (metric, steps, settings):
+            raise ConfigError(
+                "--over-seeds needs runs of one configuration (the same metric, step counts "
+                f"and settings); {res.get('run', '?')} differs from {first.get('run', '?')}"
+            )
+    merged = {}
+    for setting in settings:
+        values = torch.tensor([res["results"][setting][metric] for res in results])
+        mean, ci = mean_ci95(values)
+        std = values.double().std(0).tolist() if len(results) > 1 else [0.0] * len(steps)
+        merged[setting] = {metric: mean, "ci95": ci, "std": std}
+    label = first.get("algorithm", first["method"])
+    return first | {
+        "algorithm": f"{label}, {len(results)} seeds",
+        "results": merged,
+        "runs": [res.get("run") for res in results],
+        "checkpoint": None,
+    }
+
+
 def format_table(results: list[dict[str, Any]], steps: list[int] | None = None) -> str:
     """A plain-text table: one row per (run, setting), one column per step count."""
     if steps is None:  # the step counts every run was evaluated at (runs may differ)

@@ -60,7 +60,8 @@ KEYS: dict[str, str] = {
     "checkpoint_every": "iterations between checkpoints",
     "tensorboard": "TensorBoard event files in RUN/tensorboard: auto (when installed) | true | false",
     "val_every": "iterations between validations (best.pt keeps the best); 0: none",
-    "val_tasks": "validation tasks (validation classes, 15-query protocol)",
+    "val_tasks": "validation tasks (few-shot: of the validation classes, 15-query protocol)",
+    "val_seed": "meta-RL: seed of the validation tasks (checkpoint selection and step-size tuning)",
     # data
     "data_dir": "dataset folder (`--data-dir`); empty: $METAGRAD_DATA/NAME or ./data/NAME",
     "split": "Omniglot classes: paper (1200 train incl. 100 validation, 423 test) | background",
@@ -91,8 +92,13 @@ KEYS: dict[str, str] = {
     "max_backtracks": "TRPO: line-search steps",
     "hvp": "TRPO Hessian-vector products: exact (double backward) | finite_difference",
     "num_workers": "sampler worker processes (0: in process)",
-    "eval_rollouts": "paths per test task and step",
-    "eval_random": "also evaluate the run's random initialisation (the random baseline row)",
+    "eval_env_steps": "meta-RL: env steps of paths per test task and step (the original's 4,000; ant direction 8,000)",
+    "eval_later_factor": "meta-RL: test steps after the first use this times the first step size",
+    "pretrain_eval_lr": "meta-RL: the pretrained policy's test step size; 0: tuned on validation tasks",
+    "random_eval_lr": "meta-RL: the random baseline's test step size; 0: tuned on validation tasks",
+    "eval_lr_grid": "meta-RL: the step sizes tried when tuning",
+    "tune_tasks": "meta-RL: validation tasks of the step-size tuning",
+    "eval_random": "meta-RL: also evaluate a fresh random policy per test task (the random baseline row)",
 }  # fmt: skip
 
 

@@ -20,19 +20,30 @@ optimizer, so :meth:`optimizer` returns :class:`NoOpOptimizer`, whose ``step`` d
 nothing (it only keeps the checkpoint format of the other experiments). Rollouts and
 updates run on the CPU whatever ``--device`` says (small MLP, env-bound).
 
-Evaluation (as the original code): ``eval_tasks`` (40) test tasks from ``eval_seed``; for
-each, ``eval_rollouts`` (20) paths before and after each of ``eval_steps`` (3)
-policy-gradient steps, step sizes ``inner_lr, inner_lr/2, inner_lr/2, ...``, fresh paths
-of the current adapted policy for every step; the table holds the average undiscounted
-return per path after 0..3 steps (mean and 95% CI over tasks). A ``maml`` run's
-``eval.json`` also holds the "random init" row (``eval_random``): the same protocol from
-the run's own initial parameters (the policy built from ``seed`` before meta-training).
-The pretrained baseline is its own run: ``metagrad eval MAMLDIR PRETRAINDIR``.
+Evaluation follows the original test scripts (cbfinn/maml_rl ``maml_examples/test_maml_*.py``):
+``eval_tasks`` (40) test tasks from ``eval_seed``; for each, ``eval_env_steps`` env steps of
+paths (4,000; 8,000 for ant direction) before and after each of ``eval_steps`` (3)
+policy-gradient steps, fresh paths of the current adapted policy for every step, step sizes
+``lr, f lr, f lr, ...`` (``f = eval_later_factor``: 0.5; ant direction 0.01). Each method has
+its own ``lr``: MAML its ``inner_lr``; the pretrained policy ``pretrain_eval_lr`` and the
+random baseline ``random_eval_lr``, each, when 0 (the default), tuned on ``tune_tasks``
+validation tasks (from ``val_seed``, never the test tasks) over ``eval_lr_grid`` by the
+return after one step (the sweep is in ``eval.json``). The random baseline (a ``maml`` run's
+"random" row, ``eval_random``) is a freshly initialised policy per test task, as the
+original built one per goal. The table holds the average undiscounted return per path after
+0..3 steps (mean and 95% CI over tasks); ``eval.json`` adds the paired per-task differences
+between step counts. The pretrained baseline is its own run: ``metagrad eval MAMLDIR
+PRETRAINDIR``.
+
+Best checkpoint: every ``val_every`` iterations the policy is evaluated on ``val_tasks``
+validation tasks (``val_seed``) with ``rollouts`` paths, by the return after one step (MAML)
+or before adaptation (pretrain, oracle); ``best.pt`` keeps the best, and evaluation uses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +93,31 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 1,
     "checkpoint_every": 10,
     "time_limit_min": 0.0,
+    "val_every": 25,
+    "val_tasks": 20,
+    "val_seed": 20_170_003,
     "eval_tasks": 40,
-    "eval_rollouts": 20,
+    "eval_env_steps": 4000,
     "eval_steps": 3,
+    "eval_later_factor": 0.5,
+    "pretrain_eval_lr": 0.0,
+    "random_eval_lr": 0.0,
+    "eval_lr_grid": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+    "tune_tasks": 20,
     "eval_seed": 20_170_002,
     "eval_random": True,
 }
 
 _LOCOMOTION = {"meta_batch": 40, "rollouts": 20, "horizon": 200, "inner_lr": 0.1}
 
-#: name -> (description, defaults)
+#: name -> (description, defaults). 2D navigation: the code behind the paper's curve
+#: (maml_trpo_point.py, test_maml_point.py) trained and tested with alpha = 0.5, later test
+#: steps 0.25 (the paper's text says 0.1: --set inner_lr=0.1); ant direction tested with
+#: 8,000 env steps per step and later steps at 0.01 alpha (test_maml_ant_direc.py)
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "rl-nav2d": (
-        "2D navigation, MAML-TRPO, 20 tasks x 20 paths, horizon 100, alpha=0.1 (paper 5.3)",
-        DEFAULTS,
+        "2D navigation, MAML-TRPO, 20 tasks x 20 paths, horizon 100, alpha=0.5 (paper 5.3)",
+        DEFAULTS | {"inner_lr": 0.5},
     ),
     "rl-cheetah-vel": (
         "half-cheetah goal velocity, MAML-TRPO, 40 tasks x 20 paths, horizon 200, alpha=0.1",
@@ -111,7 +133,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "rl-ant-dir": (
         "ant forward/backward, MAML-TRPO, 40 tasks x 20 paths, horizon 200, alpha=0.1",
-        DEFAULTS | _LOCOMOTION | {"env": "metagrad/AntDir-v0"},
+        DEFAULTS
+        | _LOCOMOTION
+        | {"env": "metagrad/AntDir-v0", "eval_env_steps": 8000, "eval_later_factor": 0.01},
     ),
 }
 
@@ -128,9 +152,22 @@ class NoOpOptimizer(torch.optim.Optimizer):
 
 @dataclass(frozen=True)
 class RLBatch:
-    """What :meth:`RLExperiment.sample` draws: the seed of one meta-iteration."""
+    """What :meth:`RLExperiment.sample` draws: the seed of one meta-iteration, and (several
+    processes) this process's ``shard`` of its tasks and the sum over processes."""
 
     seed: int
+    tasks: int  # the meta-batch size
+    part: tuple[int, int] | None = None  # this process's tasks [lo, hi); None: all
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # the sum over processes
+
+    def shard(self, world: Any) -> tuple[RLBatch, float]:
+        """This process's part of the meta-batch and its share (``World.shard`` calls it)."""
+        from .distributed import shard_bounds
+
+        if world.size == 1:
+            return self, 1.0
+        lo, hi = shard_bounds(self.tasks, world.rank, world.size)
+        return replace(self, part=(lo, hi), reduce=world.all_reduce), (hi - lo) / self.tasks
 
 
 def _check(cfg: dict[str, Any]) -> None:
@@ -142,11 +179,12 @@ def _check(cfg: dict[str, Any]) -> None:
     if cfg["hvp"] not in ("exact", "finite_difference"):
         raise bad("hvp", "choose exact or finite_difference")
     positive_ints = ["rollouts", "horizon", "cg_iters", "max_backtracks", "eval_tasks"]
-    positive_ints += ["eval_rollouts", "log_every", "checkpoint_every"]
+    positive_ints += ["eval_env_steps", "log_every", "checkpoint_every", "val_tasks", "tune_tasks"]
     for key in positive_ints:
         if cfg[key] < 1:
             raise bad(key, "must be >= 1")
-    for key in ("num_workers", "eval_steps", "time_limit_min", "cg_damping"):
+    keys = ["num_workers", "eval_steps", "time_limit_min", "cg_damping", "val_every"]
+    for key in (*keys, "eval_later_factor", "pretrain_eval_lr", "random_eval_lr"):
         if cfg[key] < 0:
             raise bad(key, "must be >= 0")
     if cfg["method"] == "maml" and cfg["inner_steps"] < 1:
@@ -164,15 +202,20 @@ def _check(cfg: dict[str, Any]) -> None:
         raise bad("backtrack_ratio", "must be in (0, 1)")
     if not cfg["hidden"] or any(h < 1 for h in cfg["hidden"]):
         raise bad("hidden", "needs one or more layer sizes >= 1")
+    if not cfg["eval_lr_grid"] or any(not lr > 0 for lr in cfg["eval_lr_grid"]):
+        raise bad("eval_lr_grid", "needs one or more step sizes > 0")
 
 
 class RLExperiment(Experiment):
     """MAML-TRPO, pretrained and oracle policies on the meta-RL task distributions."""
 
     train_metrics = ("return_pre", "return_post", "kl", "improvement", "accepted")
+    val_metrics = ("val_return",)
+    select_metric = "val_return"
     methods = ("maml", "pretrain", "oracle")
-    #: the TRPO step is not a plain gradient average: --nproc is refused for meta-RL (for now)
-    data_parallel = False
+    #: --nproc: each process samples and adapts its share of the tasks, and the TRPO step
+    #: reduces its gradient, Hessian-vector products and line-search scores over them
+    data_parallel = True
 
     def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -254,7 +297,7 @@ class RLExperiment(Experiment):
     # -------------------------------------------------------------- training
     def sample(self, generator: torch.Generator) -> RLBatch:  # type: ignore[override]
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
-        return RLBatch(seed)
+        return RLBatch(seed, self.cfg["meta_batch"])
 
     def train_step(self, maml: MAML, batch: RLBatch) -> dict[str, float]:  # type: ignore[override]
         seq = np.random.SeedSequence(batch.seed)
@@ -262,7 +305,10 @@ class RLExperiment(Experiment):
         sampler = self.sampler
         tasks = sampler.sample_tasks(self.cfg["meta_batch"], np.random.default_rng(task_seed))
         sampler.seed(sample_seed)
-        return self.algorithm().step(maml.model, sampler, tasks, self.cfg["rollouts"])
+        return self.algorithm().step(
+            maml.model, sampler, tasks, self.cfg["rollouts"], shard=batch.part,
+            reduce=batch.reduce,
+        )  # fmt: skip
 
     def finalize(self, maml: MAML) -> dict[str, Any]:
         if self._sampler is not None:
@@ -271,41 +317,104 @@ class RLExperiment(Experiment):
         return {}
 
     # -------------------------------------------------------------- evaluation
-    def eval_lrs(self, inner_lr: float | None = None) -> list[float]:
-        """Step sizes of the test protocol: ``alpha`` then ``alpha / 2`` for later steps."""
-        lr = self.cfg["inner_lr"] if inner_lr is None else inner_lr
-        return [lr if j == 0 else lr / 2 for j in range(self.cfg["eval_steps"])]
+    def eval_lrs(self, lr: float) -> list[float]:
+        """Step sizes of the test protocol: ``lr``, then ``eval_later_factor * lr``."""
+        later = lr * self.cfg["eval_later_factor"]
+        return [lr if j == 0 else later for j in range(self.cfg["eval_steps"])]
+
+    @property
+    def eval_rollouts(self) -> int:
+        """Paths per test task and step: the original's budget of env steps per step."""
+        return max(1, self.cfg["eval_env_steps"] // self.cfg["horizon"])
+
+    def tasks_from(self, seed: int, n: int) -> list[dict[str, Any]]:
+        return self.probe.sample_tasks(n, np.random.default_rng(seed))
 
     def eval_tasks(self) -> list[dict[str, Any]]:
-        rng = np.random.default_rng(self.cfg["eval_seed"])
-        return self.probe.sample_tasks(self.cfg["eval_tasks"], rng)
+        return self.tasks_from(self.cfg["eval_seed"], self.cfg["eval_tasks"])
 
-    def adaptation_returns(self, policy: torch.nn.Module, inner_lr: float) -> torch.Tensor:
-        """``[eval_tasks, eval_steps + 1]`` average returns of the test protocol."""
-        sampler = self.make_sampler(seed=self.cfg["eval_seed"] + 1)
+    def adaptation_returns(
+        self, policy: torch.nn.Module, lrs: list[float], tasks: list[dict[str, Any]],
+        rollouts: int, seed: int, initial: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``[tasks, len(lrs) + 1]`` average returns of the test protocol."""
+        sampler = self.make_sampler(seed=seed)
         try:
             return self.algorithm().adaptation_returns(
-                policy, sampler, self.eval_tasks(), self.cfg["eval_rollouts"],
-                self.eval_lrs(inner_lr),
-            )  # fmt: skip
+                policy, sampler, tasks, rollouts, lrs, initial=initial
+            )
         finally:
             sampler.close()
 
-    def initial_model(self) -> MAML:
-        """The run's policy before meta-training (built from ``seed``, as ``train`` does)."""
+    def random_policies(self, tasks: int, seed: int) -> dict[str, torch.Tensor]:
+        """A freshly initialised policy per task, stacked ``{name: [tasks, ...]}``."""
+        params: list[dict[str, torch.Tensor]] = []
         with torch.random.fork_rng():
-            torch.manual_seed(self.cfg["seed"])
-            return self.build()
+            for i in range(tasks):
+                torch.manual_seed(seed + i)
+                params.append({n: p.detach() for n, p in self.build().model.named_parameters()})
+        return {n: torch.stack([p[n] for p in params]) for n in params[0]}
+
+    def validate(self, maml: MAML) -> dict[str, float]:
+        cfg = self.cfg
+        tasks = self.tasks_from(cfg["val_seed"], cfg["val_tasks"])
+        steps = 1 if cfg["method"] == "maml" else 0
+        lrs = [cfg["inner_lr"]] * steps
+        curve = self.adaptation_returns(
+            maml.model, lrs, tasks, cfg["rollouts"], cfg["val_seed"] + 1
+        )
+        return {"val_return": curve[:, -1].mean().item()}
+
+    def tune_lr(self, policy: torch.nn.Module, random: bool) -> dict[str, Any]:
+        """The step size of ``eval_lr_grid`` with the best mean return after one step on
+        ``tune_tasks`` validation tasks (``val_seed``; the test tasks are never seen)."""
+        cfg = self.cfg
+        tasks = self.tasks_from(cfg["val_seed"], cfg["tune_tasks"])
+        initial = self.random_policies(len(tasks), cfg["val_seed"] + 2) if random else None
+        sweep = {}
+        for lr in cfg["eval_lr_grid"]:
+            curve = self.adaptation_returns(
+                policy, [lr], tasks, self.eval_rollouts, cfg["val_seed"] + 3, initial
+            )
+            sweep[lr] = curve[:, 1].mean().item()
+        best = max(sweep, key=lambda lr: sweep[lr])
+        return {"lr": best, "tasks": len(tasks), "return_after_1_step": sweep}
+
+    def _row(self, policy: torch.nn.Module, lr: float, random: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        tasks = self.eval_tasks()
+        initial = self.random_policies(len(tasks), cfg["eval_seed"] + 2) if random else None
+        lrs = self.eval_lrs(lr)
+        curves = self.adaptation_returns(
+            policy, lrs, tasks, self.eval_rollouts, cfg["eval_seed"] + 1, initial
+        )
+        mean, ci = mean_ci95(curves)
+        steps = range(1, curves.shape[1])
+        paired = {
+            "vs_0_steps": mean_ci95(torch.stack([curves[:, k] - curves[:, 0] for k in steps], 1)),
+            "vs_previous": mean_ci95(torch.stack([curves[:, k] - curves[:, k - 1] for k in steps], 1)),
+        }  # fmt: skip
+        return {
+            "return": mean, "ci95": ci, "step_sizes": lrs,
+            "paired": {k: {"mean": m, "ci95": c} for k, (m, c) in paired.items()},
+        }  # fmt: skip
 
     def evaluate(self, maml: MAML) -> dict[str, Any]:
         cfg = self.cfg
-        entries = {"trained": maml}
+        tuning = {}
+        lr = maml.inner_lr  # MAML and the oracle: the run's own step size
+        if cfg["method"] == "pretrain":
+            lr = cfg["pretrain_eval_lr"]
+            if not lr:
+                tuning["trained"] = self.tune_lr(maml.model, random=False)
+                lr = tuning["trained"]["lr"]
+        results = {"trained": self._row(maml.model, lr, random=False)}
         if cfg["eval_random"] and cfg["method"] == "maml":
-            entries["random init"] = self.initial_model()
-        results = {}
-        for name, model in entries.items():
-            mean, ci = mean_ci95(self.adaptation_returns(model.model, maml.inner_lr))
-            results[name] = {"return": mean, "ci95": ci}
+            rlr = cfg["random_eval_lr"]
+            if not rlr:
+                tuning["random"] = self.tune_lr(maml.model, random=True)
+                rlr = tuning["random"]["lr"]
+            results["random"] = self._row(maml.model, rlr, random=True)
         method = cfg["method"] + ("-fo" if cfg["first_order"] and cfg["method"] == "maml" else "")
         return {
             "experiment": "rl",
@@ -315,11 +424,13 @@ class RLExperiment(Experiment):
             "metric": "return",
             "lower_is_better": False,
             "tasks": cfg["eval_tasks"],
-            "rollouts": cfg["eval_rollouts"],
+            "rollouts": self.eval_rollouts,
+            "env_steps_per_step": self.eval_rollouts * cfg["horizon"],
             "inner_lr": maml.inner_lr,
-            "step_sizes": self.eval_lrs(maml.inner_lr),
+            "step_sizes": results["trained"]["step_sizes"],
             "steps": list(range(cfg["eval_steps"] + 1)),
             "results": results,
+            "tuning": tuning,
         }
 
     # -------------------------------------------------------------- figures

@@ -26,7 +26,7 @@ LABELS = {
 
 
 def _label(result: dict[str, Any], setting: str) -> str:
-    if setting == "random init":
+    if setting == "random":
         return "random"
     return LABELS.get(result["method"], result["method"])
 

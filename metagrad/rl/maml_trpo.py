@@ -37,7 +37,7 @@ alpha/2``), the average undiscounted return per path of each task after each ste
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -208,6 +208,9 @@ class MetaObjective:
             ``inner`` is empty), sampled by the "old" policy, i.e. the adaptation of the
             module's current parameters.
         first_order: treat the inner gradients as constants.
+        total_tasks: the meta-batch's size when these batches hold one process's share of
+            it: the surrogate and KL are then this share's sum over ``total_tasks`` (the
+            processes' values add up to the means); default: the mean over these tasks.
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class MetaObjective:
         post: PGBatch,
         *,
         first_order: bool = False,
+        total_tasks: int | None = None,
     ) -> None:
         self.module = module
         self.names = [n for n, _ in module.named_parameters()]
@@ -227,6 +231,7 @@ class MetaObjective:
         self.lrs = list(lrs)
         self.post = post.to(dtype)
         self.first_order = first_order
+        self.total_tasks = total_tasks
         with torch.no_grad():
             theta = [p.detach() for p in module.parameters()]
             mean, log_std = self.distribution(theta, graph=False)
@@ -248,14 +253,19 @@ class MetaObjective:
         fast = self.adapted(theta, graph)
         return task_distributions(self.module, fast, self.buffers, self.post.obs)
 
+    def _over_tasks(self, per_task: Tensor) -> Tensor:
+        if self.total_tasks is None:
+            return per_task.mean()
+        return per_task.sum() / self.total_tasks
+
     def _surrogate(self, mean: Tensor, log_std: Tensor) -> Tensor:
         logp = diag_gaussian_log_prob(self.post.actions, mean, log_std)
         ratio = torch.exp(logp - self.old_logp)
-        return -_task_mean(ratio * self.post.advantages, self.post.mask).mean()
+        return -self._over_tasks(_task_mean(ratio * self.post.advantages, self.post.mask))
 
     def _kl(self, mean: Tensor, log_std: Tensor) -> Tensor:
         kl = diag_gaussian_kl(self.old_mean, self.old_log_std, mean, log_std)
-        return _task_mean(kl, self.post.mask).mean()
+        return self._over_tasks(_task_mean(kl, self.post.mask))
 
     def surrogate(self, theta: Sequence[Tensor]) -> Tensor:
         """The loss TRPO minimises (differentiable through the inner step)."""
@@ -282,6 +292,7 @@ def meta_trpo_step(
     max_backtracks: int = 15,
     hvp: Literal["exact", "finite_difference"] = "exact",
     fd_base_eps: float = 1.0,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> TRPOStepResult:
     """One TRPO step of the objective's module parameters (not applied; see ``params``).
 
@@ -292,7 +303,7 @@ def meta_trpo_step(
         objective.surrogate, objective.kl, list(objective.module.parameters()),
         max_kl=max_kl, damping=damping, cg_iters=cg_iters, backtrack_ratio=backtrack_ratio,
         max_backtracks=max_backtracks, hvp=hvp, fd_base_eps=fd_base_eps,
-        evaluate=objective.evaluate,
+        evaluate=objective.evaluate, reduce=reduce,
     )  # fmt: skip
 
 
@@ -362,27 +373,37 @@ class MAMLTRPO:
         return process_trajectories(traj, self.gamma, self.gae_lambda, self.normalize_advantages)
 
     def step(
-        self, policy: nn.Module, sampler: VectorSampler, tasks: Sequence[Task], rollouts: int
-    ) -> dict[str, float]:
-        """One meta-iteration on ``tasks``; updates ``policy``'s parameters in place."""
+        self, policy: nn.Module, sampler: VectorSampler, tasks: Sequence[Task], rollouts: int,
+        *, shard: tuple[int, int] | None = None, reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> dict[str, float]:  # fmt: skip
+        """One meta-iteration on ``tasks``; updates ``policy``'s parameters in place.
+
+        Several processes: each passes the whole meta-batch ``tasks``, its ``shard=(lo,
+        hi)`` of it, and ``reduce`` (a sum over the processes); each samples and adapts only
+        its tasks, TRPO's quantities are reduced, and every process takes the same step,
+        the one a single process takes on all of ``tasks``. The returned returns are the
+        means over this process's tasks.
+        """
         buffers = dict(policy.named_buffers())
         theta = {n: p.detach() for n, p in policy.named_parameters()}
+        local = len(tasks) if shard is None else shard[1] - shard[0]
         inner: list[PGBatch] = []
-        current = TaskBatchedPolicy(policy, expand_params(theta, len(tasks)), buffers)
+        current = TaskBatchedPolicy(policy, expand_params(theta, local), buffers)
         steps = self.inner_steps if self.adapt else 0
         for _ in range(steps):
-            inner.append(self.process(sampler.sample(current, tasks, rollouts)))
+            inner.append(self.process(sampler.sample(current, tasks, rollouts, shard=shard)))
             with torch.no_grad():
                 fast = adapt(policy, theta, buffers, inner, [self.inner_lr] * len(inner))
             current = TaskBatchedPolicy(policy, fast, buffers)
-        post = self.process(sampler.sample(current, tasks, rollouts))
+        post = self.process(sampler.sample(current, tasks, rollouts, shard=shard))
         objective = MetaObjective(
-            policy, inner, [self.inner_lr] * len(inner), post, first_order=self.first_order
-        )
+            policy, inner, [self.inner_lr] * len(inner), post, first_order=self.first_order,
+            total_tasks=None if shard is None else len(tasks),
+        )  # fmt: skip
         result = meta_trpo_step(
             objective, max_kl=self.max_kl, damping=self.cg_damping, cg_iters=self.cg_iters,
             backtrack_ratio=self.backtrack_ratio, max_backtracks=self.max_backtracks,
-            hvp=self.hvp,
+            hvp=self.hvp, reduce=reduce,
         )  # fmt: skip
         with torch.no_grad():
             for p, new in zip(policy.parameters(), result.params, strict=True):
@@ -406,14 +427,19 @@ class MAMLTRPO:
         tasks: Sequence[Task],
         rollouts: int,
         lrs: Sequence[float],
+        initial: Params | None = None,
     ) -> Tensor:
         """Average return per path of each task after ``0..len(lrs)`` policy-gradient steps.
 
         Step ``j`` uses fresh paths of the policy adapted so far and step size ``lrs[j]``.
+        ``initial``: per-task starting parameters ``{name: [tasks, ...]}`` (the random
+        baseline: a fresh policy per task); default ``policy``'s own for every task.
         Returns ``[tasks, len(lrs) + 1]``.
         """
         buffers = dict(policy.named_buffers())
-        fast = expand_params({n: p.detach() for n, p in policy.named_parameters()}, len(tasks))
+        if initial is None:
+            initial = expand_params({n: p.detach() for n, p in policy.named_parameters()}, len(tasks))  # fmt: skip
+        fast = {n: t.detach() for n, t in initial.items()}
         curve = []
         for j in range(len(lrs) + 1):
             batch = self.process(

@@ -302,27 +302,38 @@ class VectorSampler:
         tasks: Sequence[Task],
         paths_per_task: int,
         deterministic: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> Trajectories:
         """Roll out ``paths_per_task`` paths per task; ``deterministic`` uses the mean action.
 
         ``policy`` is one policy for all tasks, a per-task policy (``per_task = True``,
         called with the task index of each row) or a list with one policy per task.
+        ``shard=(lo, hi)``: roll out only ``tasks[lo:hi]`` (``policy`` is theirs), with the
+        reset seeds and noise those paths get when all of ``tasks`` are sampled, so that
+        processes sampling their shards together reproduce one process's paths.
         """
+        full = len(tasks) * paths_per_task
+        horizon = self.max_path_length
+        seeds = self._rng.integers(0, 2**31 - 1, size=full)
+        gen = torch.Generator().manual_seed(int(self._rng.integers(0, 2**63 - 1)))
+        noise = torch.randn(full, horizon, self.act_dim, generator=gen)
+        if shard is not None:
+            lo, hi = shard
+            if not 0 <= lo < hi <= len(tasks):
+                raise ValueError(f"shard {shard} is not a non-empty range of {len(tasks)} tasks")
+            rows = slice(lo * paths_per_task, hi * paths_per_task)
+            tasks, seeds, noise = list(tasks[lo:hi]), seeds[rows], noise[rows]
         if isinstance(policy, list | tuple):
             if len(policy) != len(tasks):
                 raise ValueError(f"{len(policy)} policies for {len(tasks)} tasks")
             policy = PolicyList(policy)
         n = len(tasks) * paths_per_task
-        horizon = self.max_path_length
         path_tasks = [tasks[i // paths_per_task] for i in range(n)]
         task_ids = np.arange(n) // paths_per_task
         extra = None
         if self.task_features is not None:
             feats = [list(self.task_features(task)) for task in tasks]
             extra = np.asarray(feats, np.float32).reshape(len(tasks), -1)[task_ids]
-        seeds = self._rng.integers(0, 2**31 - 1, size=n)
-        gen = torch.Generator().manual_seed(int(self._rng.integers(0, 2**63 - 1)))
-        noise = torch.randn(n, horizon, self.act_dim, generator=gen)
         if deterministic:
             noise.zero_()
         if self._conns:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from ..core.linalg import (
@@ -113,6 +114,22 @@ class TRPOStepResult:
     step_scale: float
 
 
+def _reduced_avp(avp: HVP, reduce: Callable[[Tensor], Tensor], damping: float) -> HVP:
+    return lambda v: reduce(avp(v)) + damping * v
+
+
+def _reduced_scores(
+    fn: Callable[[list[Tensor]], tuple[Tensor | float, Tensor | float]],
+    reduce: Callable[[Tensor], Tensor],
+) -> Callable[[list[Tensor]], tuple[float, float]]:
+    def scores(cand: list[Tensor]) -> tuple[float, float]:
+        loss, kl = fn(cand)
+        total = reduce(torch.tensor([_item(loss), _item(kl)], dtype=torch.float64))
+        return float(total[0]), float(total[1])
+
+    return scores
+
+
 def trpo_step(
     loss_fn: Closure,
     kl_fn: Closure,
@@ -125,6 +142,7 @@ def trpo_step(
     hvp: Literal["exact", "finite_difference"] = "exact",
     fd_base_eps: float = 1.0,
     evaluate: Callable[[Sequence[Tensor]], tuple[float, float]] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> TRPOStepResult:
     """One TRPO update of ``params`` minimising ``loss_fn`` subject to ``kl_fn <= max_kl``.
 
@@ -133,18 +151,30 @@ def trpo_step(
 
     ``kl_fn(theta)`` must be the KL between the fixed old policy and the policy at
     ``theta`` (zero, with zero gradient, at ``params``).
+
+    ``reduce`` (several processes): each process's closures hold its share of the objective
+    (its tasks' sum over the total), and ``reduce`` sums a tensor over the processes; the
+    gradient, every Hessian-vector product and every line-search score are reduced, so all
+    processes take the same step.
     """
+    if hvp not in ("exact", "finite_difference"):
+        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
     theta = leaves(params)
     loss = loss_fn(theta)
     g = flatten(grads(loss, theta)).detach()
     loss_before = _item(loss)
+    if reduce is not None:
+        g = reduce(g)
+        loss_before = _item(reduce(loss.detach().reshape(1)))
     del loss  # frees the loss graph before the Hessian-vector products
+    local_damping = damping if reduce is None else 0.0  # added once, after the sum
     if hvp == "exact":
-        avp = hvp_exact(kl_fn, theta, damping)
-    elif hvp == "finite_difference":
-        avp = hvp_finite_difference(kl_fn, theta, damping, base_eps=fd_base_eps)
+        avp = hvp_exact(kl_fn, theta, local_damping)
     else:
-        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
+        avp = hvp_finite_difference(kl_fn, theta, local_damping, base_eps=fd_base_eps)
+    if reduce is not None:
+        avp = _reduced_avp(avp, reduce, damping)
+        evaluate = _reduced_scores(evaluate or (lambda c: (loss_fn(c), kl_fn(c))), reduce)
     direction = conjugate_gradient(avp, g, iters=cg_iters)
     shs = float(direction.dot(avp(direction)))
     scale = math.sqrt(2.0 * max_kl / (shs + 1e-8)) if shs + 1e-8 > 0 else math.nan
