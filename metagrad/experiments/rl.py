@@ -389,15 +389,14 @@ class RLExperiment(Experiment):
             policy, lrs, tasks, self.eval_rollouts, cfg["eval_seed"] + 1, initial
         )
         mean, ci = mean_ci95(curves)
-        steps = range(1, curves.shape[1])
-        paired = {
-            "vs_0_steps": mean_ci95(torch.stack([curves[:, k] - curves[:, 0] for k in steps], 1)),
-            "vs_previous": mean_ci95(torch.stack([curves[:, k] - curves[:, k - 1] for k in steps], 1)),
-        }  # fmt: skip
-        return {
-            "return": mean, "ci95": ci, "step_sizes": lrs,
-            "paired": {k: {"mean": m, "ci95": c} for k, (m, c) in paired.items()},
-        }  # fmt: skip
+        # paired per task: the gain of k steps over 0 and over k - 1 (tighter than the
+        # difference of the unpaired means, the tasks being the same)
+        paired = {}
+        if curves.shape[1] > 1:
+            for name, base in (("vs_0_steps", curves[:, :1]), ("vs_previous", curves[:, :-1])):
+                m, c = mean_ci95(curves[:, 1:] - base)
+                paired[name] = {"mean": m, "ci95": c}
+        return {"return": mean, "ci95": ci, "step_sizes": lrs, "paired": paired}
 
     def evaluate(self, maml: MAML) -> dict[str, Any]:
         cfg = self.cfg
