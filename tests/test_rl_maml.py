@@ -23,6 +23,7 @@ from metagrad.rl import (  # noqa: E402
     PolicyList,
     TaskBatchedPolicy,
     VectorSampler,
+    hvp_exact,
 )
 from metagrad.rl.maml_trpo import (  # noqa: E402
     MAMLTRPO,
@@ -103,6 +104,33 @@ def test_second_order_meta_gradient_matches_reference_loop():
     assert (grads[True] - grads[False]).norm() > 1e-3 * grads[False].norm()
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fisher_product_is_the_kl_hessian_at_the_old_policy(first_order):
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(3, 2, hidden_sizes=(6, 5)).double()
+    g = torch.Generator().manual_seed(1)
+    pre, post = random_batch(3, 9, 3, 2, g), random_batch(3, 7, 3, 2, g)
+    obj = MetaObjective(policy, [pre], [0.3], post, first_order=first_order)
+    theta = [p.detach() for p in policy.parameters()]
+    exact, fisher = hvp_exact(obj.kl, theta, 1e-3), obj.fisher_product(theta, 1e-3)
+    for _ in range(3):
+        v = torch.randn(sum(t.numel() for t in theta), generator=g, dtype=torch.float64)
+        torch.testing.assert_close(fisher(v), exact(v), rtol=1e-9, atol=1e-12)
+    # one process's share of the tasks (their sum over the total): the shares add up
+    shares = []
+    for rows in (slice(0, 1), slice(1, 3)):
+        part = [
+            PGBatch(*(getattr(b, f)[rows] for f in PGBatch.__dataclass_fields__))
+            for b in (pre, post)
+        ]
+        shares.append(
+            MetaObjective(policy, [part[0]], [0.3], part[1], first_order=first_order, total_tasks=3)
+        )
+    v = torch.randn(sum(t.numel() for t in theta), generator=g, dtype=torch.float64)
+    summed = sum(s.fisher_product(theta)(v) for s in shares)
+    torch.testing.assert_close(summed, obj.fisher_product(theta)(v), rtol=1e-9, atol=1e-12)
+
+
 def test_batched_adaptation_matches_maml_core_adapt():
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(3, 2, hidden_sizes=(6,)).double()
@@ -131,7 +159,7 @@ def _nav_objective(first_order: bool = False) -> tuple[torch.nn.Module, MetaObje
     return policy, MetaObjective(policy, [pre], [0.1], post, first_order=first_order)
 
 
-@pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
+@pytest.mark.parametrize("hvp", ["exact", "finite_difference", "fisher"])
 def test_trpo_step_respects_max_kl(hvp):
     policy, obj = _nav_objective()
     max_kl = 0.005

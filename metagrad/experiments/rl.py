@@ -86,7 +86,9 @@ DEFAULTS: dict[str, Any] = {
     "cg_damping": 1e-5,
     "backtrack_ratio": 0.8,
     "max_backtracks": 15,
-    "hvp": "exact",  # exact (double backward through the inner step) or finite_difference
+    # the KL Hessian-vector products: exact (double backward through the inner step),
+    # finite_difference (rllab's) or fisher (the same Hessian at the old policy, as J^T F J)
+    "hvp": "exact",
     "num_workers": 0,  # sampler worker processes (0: in process)
     "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
     "threads": 1,
@@ -176,8 +178,8 @@ def _check(cfg: dict[str, Any]) -> None:
 
     if cfg["env"] not in ENVS:
         raise ConfigError(f"unknown env {cfg['env']!r}; choose one of: {', '.join(ENVS)}")
-    if cfg["hvp"] not in ("exact", "finite_difference"):
-        raise bad("hvp", "choose exact or finite_difference")
+    if cfg["hvp"] not in ("exact", "finite_difference", "fisher"):
+        raise bad("hvp", "choose exact, finite_difference or fisher")
     positive_ints = ["rollouts", "horizon", "cg_iters", "max_backtracks", "eval_tasks"]
     positive_ints += ["eval_env_steps", "log_every", "checkpoint_every", "val_tasks", "tune_tasks"]
     for key in positive_ints:

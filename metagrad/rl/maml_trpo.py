@@ -50,7 +50,7 @@ from .baseline import LinearFeatureBaseline
 from .policy import TaskBatchedPolicy, diag_gaussian_kl, diag_gaussian_log_prob
 from .returns import discounted_returns, gae_advantages, normalize_advantages
 from .sampler import Task, Trajectories, VectorSampler
-from .trpo import TRPOStepResult, trpo_step
+from .trpo import HVP, TRPOStepResult, gauss_newton_vp, trpo_step
 
 Params = dict[str, Tensor]
 
@@ -113,6 +113,12 @@ def process_trajectories(
 def _task_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over the valid rows of each task: ``[tasks, N] -> [tasks]``."""
     return (x * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` summed over the dimensions that ``shape`` broadcasts (size 1 there)."""
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if b == 1 and a != 1]
+    return t.sum(dims, keepdim=True) if dims else t
 
 
 def _per_row(log_std: Tensor, mean: Tensor) -> Tensor:
@@ -267,6 +273,25 @@ class MetaObjective:
         kl = diag_gaussian_kl(self.old_mean, self.old_log_std, mean, log_std)
         return self._over_tasks(_task_mean(kl, self.post.mask))
 
+    def fisher_product(self, theta: Sequence[Tensor], damping: float = 0.0) -> HVP:
+        """``v -> F v + damping v``, ``F`` the Fisher matrix of the post-update policies in
+        ``theta``: the Hessian of :meth:`kl` at the old policy (where TRPO takes it), without
+        the third derivatives the double backward through the inner step needs."""
+        mask = self.post.mask
+        tasks = self.post.num_tasks if self.total_tasks is None else self.total_tasks
+        weight = (mask / mask.sum(-1, keepdim=True).clamp_min(1.0) / tasks).unsqueeze(-1)
+        inv_var = torch.exp(-2.0 * self.old_log_std)
+
+        def metric(jv: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            # the Hessian of a diagonal Gaussian's KL in (mean, log_std): 1/var and 2
+            d_mean, d_log_std = jv
+            per_row = 2.0 * weight.expand(d_mean.shape)
+            return d_mean * weight * inv_var, _sum_to(per_row, d_log_std.shape) * d_log_std
+
+        return gauss_newton_vp(
+            lambda xs: tuple(self.distribution(xs)), list(theta), metric, damping
+        )
+
     def surrogate(self, theta: Sequence[Tensor]) -> Tensor:
         """The loss TRPO minimises (differentiable through the inner step)."""
         return self._surrogate(*self.distribution(theta))
@@ -290,20 +315,21 @@ def meta_trpo_step(
     cg_iters: int = 10,
     backtrack_ratio: float = 0.8,
     max_backtracks: int = 15,
-    hvp: Literal["exact", "finite_difference"] = "exact",
+    hvp: Literal["exact", "finite_difference", "fisher"] = "exact",
     fd_base_eps: float = 1.0,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> TRPOStepResult:
     """One TRPO step of the objective's module parameters (not applied; see ``params``).
 
     As :func:`metagrad.rl.trpo.trpo_step`, except that the line search evaluates the
-    surrogate and the KL of a candidate together, with one inner step and no graph.
+    surrogate and the KL of a candidate together, with one inner step and no graph, and
+    ``hvp="fisher"`` takes the KL Hessian as the Fisher matrix (:meth:`MetaObjective.fisher_product`).
     """
     return trpo_step(
         objective.surrogate, objective.kl, list(objective.module.parameters()),
         max_kl=max_kl, damping=damping, cg_iters=cg_iters, backtrack_ratio=backtrack_ratio,
-        max_backtracks=max_backtracks, hvp=hvp, fd_base_eps=fd_base_eps,
-        evaluate=objective.evaluate, reduce=reduce,
+        max_backtracks=max_backtracks, fd_base_eps=fd_base_eps, evaluate=objective.evaluate,
+        hvp=objective.fisher_product if hvp == "fisher" else hvp, reduce=reduce,
     )  # fmt: skip
 
 
@@ -367,7 +393,7 @@ class MAMLTRPO:
     cg_damping: float = 1e-5
     backtrack_ratio: float = 0.8
     max_backtracks: int = 15
-    hvp: Literal["exact", "finite_difference"] = "exact"
+    hvp: Literal["exact", "finite_difference", "fisher"] = "exact"
 
     def process(self, traj: Trajectories) -> PGBatch:
         return process_trajectories(traj, self.gamma, self.gae_lambda, self.normalize_advantages)

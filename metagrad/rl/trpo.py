@@ -32,6 +32,7 @@ from ..core.linalg import (
     Closure,
     conjugate_gradient,
     flatten,
+    gauss_newton_vp,
     grads,
     hvp_exact,
     hvp_finite_difference,
@@ -46,6 +47,7 @@ __all__ = [
     "TRPOStepResult",
     "conjugate_gradient",
     "flatten",
+    "gauss_newton_vp",
     "hvp_exact",
     "hvp_finite_difference",
     "line_search",
@@ -139,7 +141,7 @@ def trpo_step(
     cg_iters: int = 10,
     backtrack_ratio: float = 0.8,
     max_backtracks: int = 15,
-    hvp: Literal["exact", "finite_difference"] = "exact",
+    hvp: Literal["exact", "finite_difference"] | Callable[[list[Tensor], float], HVP] = "exact",
     fd_base_eps: float = 1.0,
     evaluate: Callable[[Sequence[Tensor]], tuple[float, float]] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
@@ -150,15 +152,17 @@ def trpo_step(
     and ``kl_fn``); pass a cheaper one that needs no gradient graph when there is one.
 
     ``kl_fn(theta)`` must be the KL between the fixed old policy and the policy at
-    ``theta`` (zero, with zero gradient, at ``params``).
+    ``theta`` (zero, with zero gradient, at ``params``). ``hvp``: the KL Hessian-vector
+    product by double backward (``"exact"``), by finite differences, or a callable
+    ``hvp(theta, damping) -> (v -> H v + damping v)`` (e.g. a Fisher-vector product).
 
     ``reduce`` (several processes): each process's closures hold its share of the objective
     (its tasks' sum over the total), and ``reduce`` sums a tensor over the processes; the
     gradient, every Hessian-vector product and every line-search score are reduced, so all
     processes take the same step.
     """
-    if hvp not in ("exact", "finite_difference"):
-        raise ValueError(f"hvp must be 'exact' or 'finite_difference', got {hvp!r}")
+    if not callable(hvp) and hvp not in ("exact", "finite_difference"):
+        raise ValueError(f"hvp must be 'exact', 'finite_difference' or a callable, got {hvp!r}")
     theta = leaves(params)
     loss = loss_fn(theta)
     g = flatten(grads(loss, theta)).detach()
@@ -168,7 +172,9 @@ def trpo_step(
         loss_before = _item(reduce(loss.detach().reshape(1)))
     del loss  # frees the loss graph before the Hessian-vector products
     local_damping = damping if reduce is None else 0.0  # added once, after the sum
-    if hvp == "exact":
+    if callable(hvp):
+        avp = hvp(theta, local_damping)
+    elif hvp == "exact":
         avp = hvp_exact(kl_fn, theta, local_damping)
     else:
         avp = hvp_finite_difference(kl_fn, theta, local_damping, base_eps=fd_base_eps)
