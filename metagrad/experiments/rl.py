@@ -155,7 +155,7 @@ class NoOpOptimizer(torch.optim.Optimizer):
 @dataclass(frozen=True)
 class RLBatch:
     """What :meth:`RLExperiment.sample` draws: the seed of one meta-iteration, and (several
-    processes) this process's ``shard`` of its tasks and the sum over processes."""
+    processes) this process's ``part`` of its tasks and the sum over the processes."""
 
     seed: int
     tasks: int  # the meta-batch size
