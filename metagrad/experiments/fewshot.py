@@ -192,8 +192,34 @@ class FewShotExperiment(Experiment):
 
     def sampler(self, split: str):
         if split not in self._samplers:
-            self._samplers[split] = self.load_split(split)
+            sampler = self.load_split(split)
+            self.check_sizes(split, sampler.num_classes, sampler.per_class)
+            self._samplers[split] = sampler
         return self._samplers[split]
+
+    def check_sizes(self, split: str, classes: int, per_class: int) -> None:
+        """One clear error, instead of a sampling failure, when a split has fewer classes
+        than ``ways`` or fewer images per class than its tasks draw."""
+        cfg, where = self.cfg, f"the {self.dataset} {split} split"
+        if classes < cfg["ways"]:
+            raise ConfigError(
+                f"{where} has {classes} classes, fewer than ways={cfg['ways']}: add classes or "
+                f"--set ways={classes}"
+            )
+        # what this split's tasks draw per class: (support, query, the key that sets query)
+        if split == "train":
+            need = [(cfg["train_shots"] or cfg["shots"], cfg["queries"], "queries")]
+        else:
+            need = [(cfg["shots"], cfg["eval_queries"], "eval_queries")]
+            if split == "test":  # the paper protocol: as many queries as shots
+                need.append((cfg["shots"], cfg["shots"], "shots"))
+        for shots, queries, key in need:
+            if shots + queries > per_class:
+                raise ConfigError(
+                    f"{where} has {per_class} images per class (its smallest class), but its "
+                    f"tasks take {shots} support + {queries} query images per class: add images "
+                    f"or lower --set {key}="
+                )
 
     def _batch(self, split: str, tasks: int, queries: int, g: torch.Generator,
                shots: int | None = None) -> Batch:  # fmt: skip
@@ -353,26 +379,6 @@ class ImageFolderExperiment(FewShotExperiment):
 
         cfg = self.cfg
         ds = load_image_folder(self.data_dir, split, cfg["image_size"], cfg["channels"])
-        where, classes, per_class = self.data_dir / split, len(ds), ds.images.shape[1]
-        if classes < cfg["ways"]:
-            raise ConfigError(
-                f"{where} has {classes} classes, fewer than ways={cfg['ways']}: add classes or "
-                f"--set ways={classes}"
-            )
-        # what this split's tasks draw per class: (support, query, the key that sets query)
-        if split == "train":
-            need = [(cfg["train_shots"] or cfg["shots"], cfg["queries"], "queries")]
-        else:
-            need = [(cfg["shots"], cfg["eval_queries"], "eval_queries")]
-            if split == "test":  # the paper protocol: as many queries as shots
-                need.append((cfg["shots"], cfg["shots"], "shots"))
-        for shots, queries, key in need:
-            if shots + queries > per_class:
-                raise ConfigError(
-                    f"{where} has {per_class} images per class (its smallest class), but its "
-                    f"tasks take {shots} support + {queries} query images per class: add images "
-                    f"or lower --set {key}="
-                )
         return ds.sampler(rotation="none")
 
     def network(self) -> torch.nn.Module:
