@@ -89,6 +89,30 @@ def test_navigation_reward_clipping_and_termination() -> None:
     assert steps == 100
 
 
+def test_navigation_step_many_is_step_one_by_one() -> None:
+    from metagrad.rl.envs import Navigation2DEnv
+
+    goals = [[0.3, -0.2], [0.05, -0.03], [-0.5, 0.5], [0.0, 0.1]]
+    one = [Navigation2DEnv({"goal": g}) for g in goals]
+    many = [Navigation2DEnv({"goal": g}) for g in goals]
+    for env in one + many:
+        env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for t in range(6):
+        acts = rng.uniform(-3, 3, (4, 2)).astype(np.float32)  # some beyond [-1, 1]
+        if t == 0:
+            acts[1] = np.array([0.05 + 0.005, -0.03 + 0.005], np.float32) / 0.1  # terminates
+        obs, rew, term, trunc = Navigation2DEnv.step_many(many, acts)
+        for i, env in enumerate(one):
+            o, r, te, tr, _ = env.step(acts[i])
+            assert np.array_equal(obs[i], o) and rew[i] == r  # the same floats
+            assert bool(term[i]) is te and bool(trunc[i]) is tr
+        assert term[1] == (t == 0)
+    for a, b in zip(one, many, strict=True):  # the envs' state moved the same way
+        assert np.array_equal(a.reset(seed=1)[0], b.reset(seed=1)[0])
+        assert np.array_equal(a.step(np.ones(2, np.float32))[0], b.step(np.ones(2, np.float32))[0])
+
+
 def _actions(rng: np.random.Generator, n: int, dim: int) -> list[np.ndarray]:
     acts = [rng.uniform(-1, 1, dim) for _ in range(n)]
     acts[1] = rng.uniform(-3, 3, dim)  # out of bounds: the control cost is on clip(a)

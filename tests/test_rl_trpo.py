@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from metagrad.core.linalg import gradient_step_jacobian
 from metagrad.rl.policy import GaussianMLPPolicy, diag_gaussian_kl
 from metagrad.rl.trpo import (
     conjugate_gradient,
+    conjugate_gradient_residual,
     flatten,
     hvp_exact,
     hvp_finite_difference,
@@ -39,6 +41,15 @@ def test_conjugate_gradient_solves_spd_system() -> None:
     assert torch.equal(
         conjugate_gradient(lambda v: a @ v, torch.zeros(8, dtype=D)), torch.zeros(8, dtype=D)
     )
+
+
+def test_conjugate_gradient_residual_is_b_minus_ax_when_truncated() -> None:
+    a = _spd(8, 0)
+    b = torch.randn(8, generator=torch.Generator().manual_seed(1), dtype=D)
+    x, r = conjugate_gradient_residual(lambda v: a @ v, b, iters=3)
+    torch.testing.assert_close(x, conjugate_gradient(lambda v: a @ v, b, iters=3))
+    torch.testing.assert_close(r, b - a @ x, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(x @ (b - r), x @ a @ x, rtol=1e-9, atol=1e-11)
 
 
 def test_flatten_unflatten_roundtrip() -> None:
@@ -89,6 +100,30 @@ def test_exact_hvp_matches_explicit_hessian_and_finite_differences() -> None:
     # The same product twice (the gradient graph is reused).
     hvp = hvp_exact(kl_fn, theta, damping=0.0)
     torch.testing.assert_close(hvp(v), hvp(v))
+
+
+def test_gradient_step_jacobian_is_identity_minus_lr_hessian() -> None:
+    _, theta, kl_fn = _policy_kl_problem()
+    flat = flatten(theta)
+
+    def kl_flat(x: torch.Tensor) -> torch.Tensor:
+        return kl_fn(unflatten(x, theta))
+
+    hess = torch.autograd.functional.hessian(kl_flat, flat)
+    grad = torch.autograd.functional.jacobian(kl_flat, flat)
+    stepped, jacobian = gradient_step_jacobian(kl_fn, theta, 0.3)
+    torch.testing.assert_close(flatten(stepped), flat - 0.3 * grad, rtol=1e-12, atol=1e-14)
+    assert not any(t.requires_grad for t in stepped)
+    # the step's Jacobian, explicitly: the derivative of p - lr grad(p)
+    explicit = torch.autograd.functional.jacobian(
+        lambda x: x - 0.3 * torch.autograd.functional.jacobian(kl_flat, x, create_graph=True),
+        flat,
+    )
+    torch.testing.assert_close(explicit, torch.eye(flat.numel(), dtype=D) - 0.3 * hess)
+    for seed in (2, 3):  # reusable: the gradient graph is kept
+        v = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(seed), dtype=D)
+        out = flatten(jacobian(unflatten(v, theta)))
+        torch.testing.assert_close(out, explicit @ v, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -163,6 +198,11 @@ def test_trpo_step_on_quadratic_trust_region(hvp: str) -> None:
     torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-8)
     assert res.kl_after == pytest.approx(0.01, rel=1e-3) and res.kl_after <= 0.01
     assert res.loss_after < res.loss_before
+    # a truncated solve: the step scale is still sqrt(2 max_kl / s^T (A + damping) s)
+    res = trpo_step(loss_fn, kl_fn, theta0, max_kl=0.01, hvp=hvp, cg_iters=2, damping=1e-3)
+    s = conjugate_gradient(lambda v: a @ v + 1e-3 * v, g, iters=2)
+    shs = float(s @ (a @ s + 1e-3 * s))
+    assert res.step_scale == pytest.approx(math.sqrt(2 * 0.01 / (shs + 1e-8)), rel=1e-4)
 
 
 def test_trpo_step_improves_a_policy_surrogate() -> None:

@@ -78,6 +78,17 @@ def conjugate_gradient(avp: HVP, b: Tensor, iters: int = 10, residual_tol: float
     ``masked``: no data-dependent ``break`` (so that it runs under ``vmap``): every iteration
     runs, and once ``r.r < residual_tol`` the iterate is held, so ``x`` is the same as with
     the early stop (``avp`` is still called ``iters`` times)."""
+    return conjugate_gradient_residual(avp, b, iters, residual_tol, masked=masked)[0]
+
+
+def conjugate_gradient_residual(avp: HVP, b: Tensor, iters: int = 10, residual_tol: float = 1e-10,
+                                *, masked: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`conjugate_gradient`, also returning its residual ``r = b - A x``.
+
+    ``r`` is accumulated from the products the iterations computed (``r -= alpha A p``),
+    which by linearity is ``b - A x`` up to rounding, whether or not the iterations
+    converged: so ``x.(b - r)`` is ``x^T A x`` without another product (TRPO's step size).
+    """
     x = torch.zeros_like(b)
     r = b.clone()
     p = b.clone()
@@ -102,7 +113,7 @@ def conjugate_gradient(avp: HVP, b: Tensor, iters: int = 10, residual_tol: float
         new_rdotr = r.dot(r)
         p = r + (new_rdotr / rdotr) * p
         rdotr = new_rdotr
-    return x
+    return x, r
 
 
 def hvp_exact(fn: Closure, params: Sequence[Tensor], damping: float = 1e-5) -> HVP:
@@ -153,6 +164,35 @@ def gauss_newton_vp(
     return gnvp
 
 
+def gradient_step_jacobian(
+    fn: Closure, params: Sequence[Tensor], lr: float
+) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Tensor]]]:
+    """One gradient step ``p -> p - lr grad fn(p)`` from ``params`` and its Jacobian there.
+
+    Returns the stepped parameters (detached) and ``w -> w - lr H w`` (``H`` the Hessian of
+    ``fn`` at ``params``; symmetric, so the map is also the Jacobian's transpose). The
+    gradient graph is built once; each call is one backward through it, so a chain of
+    inner steps can be applied forward and backward many times (the conjugate gradient's
+    products) without rebuilding the adaptation.
+    """
+    xs = leaves(params)
+    gs = grads(fn(xs), xs, create_graph=True)
+    stepped = [(x - lr * g).detach() for x, g in zip(xs, gs, strict=True)]
+    live = [i for i, g in enumerate(gs) if g.requires_grad]  # others: H's rows are zero
+
+    def jacobian(ws: Sequence[Tensor]) -> list[Tensor]:
+        out = list(ws)
+        if not live:
+            return out
+        hw = torch.autograd.grad(
+            [gs[i] for i in live], xs, grad_outputs=[ws[i] for i in live],
+            retain_graph=True, allow_unused=True,
+        )  # fmt: skip
+        return [w if h is None else w - lr * h for w, h in zip(ws, hw, strict=True)]
+
+    return stepped, jacobian
+
+
 def hvp_finite_difference(
     fn: Closure,
     params: Sequence[Tensor],
@@ -192,8 +232,10 @@ __all__ = [
     "HVP",
     "Closure",
     "conjugate_gradient",
+    "conjugate_gradient_residual",
     "flatten",
     "gauss_newton_vp",
+    "gradient_step_jacobian",
     "grads",
     "hvp_exact",
     "hvp_finite_difference",

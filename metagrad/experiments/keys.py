@@ -90,7 +90,7 @@ KEYS: dict[str, str] = {
     "cg_damping": "TRPO: damping added to the KL Hessian",
     "backtrack_ratio": "TRPO: line-search shrink factor",
     "max_backtracks": "TRPO: line-search steps",
-    "hvp": "TRPO KL Hessian-vector products: exact (double backward) | finite_difference | fisher (J^T F J, the same at the old policy)",
+    "hvp": "TRPO KL Hessian-vector products: fisher (J^T M J through the inner step: the KL Hessian at the old policy, without third derivatives) | exact (double backward) | finite_difference (rllab's)",
     "num_workers": "sampler worker processes (0: in process)",
     "eval_env_steps": "meta-RL: env steps of paths per test task and step (the original's 4,000; ant direction 8,000)",
     "eval_later_factor": "meta-RL: test steps after the first use this times the first step size",

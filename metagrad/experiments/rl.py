@@ -86,12 +86,13 @@ DEFAULTS: dict[str, Any] = {
     "cg_damping": 1e-5,
     "backtrack_ratio": 0.8,
     "max_backtracks": 15,
-    # the KL Hessian-vector products: exact (double backward through the inner step),
-    # finite_difference (rllab's) or fisher (the same Hessian at the old policy, as J^T F J)
-    "hvp": "exact",
+    # the KL Hessian-vector products: fisher (J^T M J through the inner step: the KL
+    # Hessian at the old policy, where TRPO takes it, without third derivatives), exact
+    # (double backward through the inner step) or finite_difference (rllab's)
+    "hvp": "fisher",
     "num_workers": 0,  # sampler worker processes (0: in process)
     "on_nonfinite": "stop",  # a NaN/inf meta-loss or meta-gradient: stop | skip the step
-    "threads": 1,
+    "threads": 0,  # torch threads for the TRPO step (rollouts use 1); 0: all cores
     "log_every": 1,
     "checkpoint_every": 10,
     "time_limit_min": 0.0,

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium
@@ -162,6 +163,26 @@ class Navigation2DEnv(gymnasium.Env):
         terminated = abs(dx) < self.tolerance and abs(dy) < self.tolerance
         info = {"position": self._pos.copy(), "distance": distance, "reward_goal": -distance}
         return self._pos.astype(np.float32), -distance, terminated, False, info
+
+    @staticmethod
+    def step_many(
+        envs: Sequence[Navigation2DEnv], actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`step` of ``envs[i]`` with ``actions[i]`` for every ``i`` in numpy arrays:
+        ``(obs, rewards, terminated, truncated)``, the same numbers as the calls one by one
+        (the same float64 operations), without their per-call overhead."""
+        pos = np.array([env._pos for env in envs], dtype=np.float64).reshape(-1, 2)
+        goal = np.array([env._goal for env in envs], dtype=np.float64).reshape(-1, 2)
+        steps = np.array([env.max_step for env in envs], dtype=np.float64).reshape(-1, 1)
+        tol = np.array([env.tolerance for env in envs], dtype=np.float64)
+        a = np.asarray(actions, dtype=np.float64).reshape(-1, 2)
+        pos = pos + steps * np.minimum(np.maximum(a, -1.0), 1.0)
+        d = pos - goal
+        distance = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
+        terminated = (np.abs(d[:, 0]) < tol) & (np.abs(d[:, 1]) < tol)
+        for env, p in zip(envs, pos, strict=True):
+            env._pos = p
+        return pos.astype(np.float32), -distance, terminated, np.zeros(len(envs), bool)
 
 
 class _MujocoTaskMixin:

@@ -46,11 +46,12 @@ from torch import Tensor, nn
 
 from .. import core
 from ..core import MAML, Hyper, Spec
+from ..core.malloc import keep_freed_memory
 from .baseline import LinearFeatureBaseline
 from .policy import TaskBatchedPolicy, diag_gaussian_kl, diag_gaussian_log_prob
 from .returns import discounted_returns, gae_advantages, normalize_advantages
 from .sampler import Task, Trajectories, VectorSampler
-from .trpo import HVP, TRPOStepResult, gauss_newton_vp, trpo_step
+from .trpo import HVP, TRPOStepResult, trpo_step
 
 Params = dict[str, Tensor]
 
@@ -119,6 +120,14 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     """``t`` summed over the dimensions that ``shape`` broadcasts (size 1 there)."""
     dims = [i for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if b == 1 and a != 1]
     return t.sum(dims, keepdim=True) if dims else t
+
+
+def _grad_or_zeros(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
+                   grad_outputs: Sequence[Tensor]) -> list[Tensor]:  # fmt: skip
+    """``torch.autograd.grad`` keeping the graph, zeros for inputs the outputs do not use."""
+    gs = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=True,
+                             allow_unused=True, materialize_grads=True)  # fmt: skip
+    return list(gs)
 
 
 def _per_row(log_std: Tensor, mean: Tensor) -> Tensor:
@@ -275,22 +284,60 @@ class MetaObjective:
 
     def fisher_product(self, theta: Sequence[Tensor], damping: float = 0.0) -> HVP:
         """``v -> F v + damping v``, ``F`` the Fisher matrix of the post-update policies in
-        ``theta``: the Hessian of :meth:`kl` at the old policy (where TRPO takes it), without
-        the third derivatives the double backward through the inner step needs."""
+        ``theta``: the Hessian of :meth:`kl` at the old policy (where TRPO takes it).
+
+        ``F = J^T M J`` with ``M`` the Gaussian's Fisher matrix in (mean, log_std) and ``J``
+        the Jacobian of the post-update outputs, ``J = J_post (I - a_K H_K) ... (I - a_1 H_1)
+        E``: ``E`` copies ``theta`` to every task, ``H_k`` is the Hessian of inner step
+        ``k``'s loss, ``J_post`` the policy's Jacobian at the adapted parameters. The
+        gradient graphs of the inner steps and the post-update forward are built once; a
+        product is then one double backward per inner step each way and a Jacobian product
+        each way through the post-update forward, with none of the third derivatives that
+        differentiating :meth:`kl` twice carries (they vanish at the old policy).
+        """
+        tasks_here = self.post.num_tasks
+        x = [t.detach().unsqueeze(0).expand(tasks_here, *t.shape) for t in theta]
+        steps = []
+        for batch, lr in zip(self.inner, self.lrs, strict=True):
+
+            def loss(ps: Sequence[Tensor], batch: PGBatch = batch) -> Tensor:
+                p = dict(zip(self.names, ps, strict=True))
+                return reinforce_losses(self.module, p, self.buffers, batch).sum()
+
+            x, jacobian = core.linalg.gradient_step_jacobian(loss, x, lr)
+            if not self.first_order:  # first order: the inner gradients are constants
+                steps.append(jacobian)
+        fast = core.linalg.leaves(x)
+        ys = task_distributions(
+            self.module, dict(zip(self.names, fast, strict=True)), self.buffers, self.post.obs
+        )
+        # J_post v by the double-backward trick: J_post^T u is linear in u, its
+        # derivative in u along v is J_post v
+        us = [torch.zeros_like(y, requires_grad=True) for y in ys]
+        jt_u = torch.autograd.grad(ys, fast, grad_outputs=us, create_graph=True)
         mask = self.post.mask
-        tasks = self.post.num_tasks if self.total_tasks is None else self.total_tasks
+        tasks = tasks_here if self.total_tasks is None else self.total_tasks
         weight = (mask / mask.sum(-1, keepdim=True).clamp_min(1.0) / tasks).unsqueeze(-1)
         inv_var = torch.exp(-2.0 * self.old_log_std)
+        ls_weight = _sum_to(2.0 * weight.expand(ys[0].shape), ys[1].shape)
 
-        def metric(jv: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            # the Hessian of a diagonal Gaussian's KL in (mean, log_std): 1/var and 2
-            d_mean, d_log_std = jv
-            per_row = 2.0 * weight.expand(d_mean.shape)
-            return d_mean * weight * inv_var, _sum_to(per_row, d_log_std.shape) * d_log_std
+        def product(v: Tensor) -> Tensor:
+            # E v, then through the inner steps
+            u = [
+                t.unsqueeze(0).expand(tasks_here, *t.shape)
+                for t in core.linalg.unflatten(v.to(ys[0].dtype), theta)
+            ]
+            for jacobian in steps:
+                u = jacobian(u)
+            d_mean, d_log_std = _grad_or_zeros(jt_u, us, u)
+            # M: the Hessian of a diagonal Gaussian's KL in (mean, log_std) is 1/var and 2
+            mjv = (d_mean * weight * inv_var, ls_weight * d_log_std)
+            w = _grad_or_zeros(ys, fast, mjv)
+            for jacobian in reversed(steps):
+                w = jacobian(w)
+            return core.linalg.flatten([t.sum(0) for t in w]).detach() + damping * v
 
-        return gauss_newton_vp(
-            lambda xs: tuple(self.distribution(xs)), list(theta), metric, damping
-        )
+        return product
 
     def surrogate(self, theta: Sequence[Tensor]) -> Tensor:
         """The loss TRPO minimises (differentiable through the inner step)."""
@@ -410,6 +457,8 @@ class MAMLTRPO:
         the one a single process takes on all of ``tasks``. The returned returns are the
         means over this process's tasks.
         """
+        # each step allocates and frees tens of MB of activations: keep them for reuse
+        keep_freed_memory()
         buffers = dict(policy.named_buffers())
         theta = {n: p.detach() for n, p in policy.named_parameters()}
         local = len(tasks) if shard is None else shard[1] - shard[0]

@@ -31,7 +31,9 @@ a sampler built with the same seed gives the same batches, with or without worke
 every observation of a path of that task: the "oracle" policy of MAML's RL experiments
 sees its goal. Envs are used through ``env.unwrapped``; the sampler applies the horizon itself
 (``max_path_length``, default the ID's ``max_episode_steps``) and treats a path ending
-at the horizon as not terminated.
+at the horizon as not terminated. An env class with a static ``step_many(envs, actions) ->
+(obs, rewards, terminated, truncated)`` (arrays over the envs; Navigation2DEnv has one) is
+stepped with one call per time step instead of one ``step`` per env.
 
 Worker mode (``num_workers > 0``): persistent processes each own a contiguous slice
 of the paths and their envs; every ``sample`` call sends each worker the policy
@@ -179,6 +181,11 @@ def rollout(
     for i, env in enumerate(envs):
         env.unwrapped.set_task(tasks[i])  # type: ignore[attr-defined]
         current[i, :env_obs_dim] = env.reset(seed=int(seeds[i]))[0]
+    # envs of one class that steps many at once (``step_many(envs, actions)``, e.g.
+    # Navigation2DEnv): one call per time step instead of one per env
+    unwrapped = [env.unwrapped for env in envs]
+    kinds = {type(env) for env in unwrapped}
+    step_many = getattr(kinds.pop(), "step_many", None) if len(kinds) == 1 else None
     active = np.arange(n)
     for t in range(horizon):
         if active.size == 0:
@@ -186,10 +193,24 @@ def rollout(
         obs[active, t] = current[active]
         with torch.no_grad():
             rows = torch.from_numpy(active)
-            mean, log_std = _call_policy(policy, torch.from_numpy(current[active]), ids[rows])
+            # every path's row, finished ones too (their output is dropped): the batch keeps
+            # one shape, so a per-task policy reshapes it instead of scattering it
+            mean, log_std = _call_policy(policy, torch.from_numpy(current), ids)
+            mean = mean[rows]
+            if log_std.dim() > 1:
+                log_std = log_std[rows]
             eps = noise[rows, t].to(mean.dtype)
             act = (mean + torch.exp(log_std) * eps).to(torch.float32).numpy()
         actions[active, t] = act
+        if step_many is not None:
+            o, r, term, trunc = step_many([unwrapped[i] for i in active], act)
+            rewards[active, t] = r
+            current[active, :env_obs_dim] = o
+            done = term | trunc
+            lengths[active[done]] = t + 1
+            terminated[active[term]] = True
+            active = active[~done]
+            continue
         keep = np.ones(active.size, bool)
         for j, i in enumerate(active):
             o, r, term, trunc, _ = envs[i].step(act[j])

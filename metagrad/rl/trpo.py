@@ -13,6 +13,8 @@ shared with the rest of the library; they are re-exported here.
   parameters and ``accepted=False`` (rllab rejects the same way).
 * :func:`trpo_step` chains them: gradient ``g`` of the loss, ``s = CG(H, g)``, step
   ``-sqrt(2 max_kl / (s.Hs + 1e-8)) s`` (step scale 1 if that is NaN), line search.
+  ``s.Hs`` is ``s.(g - r)`` with the conjugate gradient's residual ``r = g - H s``
+  (accumulated from its own products), where rllab spent one more product on ``H s``.
 
 ``damping`` (rllab's ``reg_coeff``, 1e-5) is added inside the HVP as ``Hv + damping v``.
 """
@@ -31,6 +33,7 @@ from ..core.linalg import (
     HVP,
     Closure,
     conjugate_gradient,
+    conjugate_gradient_residual,
     flatten,
     gauss_newton_vp,
     grads,
@@ -181,8 +184,8 @@ def trpo_step(
     if reduce is not None:
         avp = _reduced_avp(avp, reduce, damping)
         evaluate = _reduced_scores(evaluate or (lambda c: (loss_fn(c), kl_fn(c))), reduce)
-    direction = conjugate_gradient(avp, g, iters=cg_iters)
-    shs = float(direction.dot(avp(direction)))
+    direction, residual = conjugate_gradient_residual(avp, g, iters=cg_iters)
+    shs = float(direction.dot(g - residual))  # s^T A s, as A s = g - residual
     scale = math.sqrt(2.0 * max_kl / (shs + 1e-8)) if shs + 1e-8 > 0 else math.nan
     if math.isnan(scale):
         scale = 1.0
