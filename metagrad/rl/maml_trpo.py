@@ -22,10 +22,11 @@ One meta-iteration on ``meta_batch`` tasks (:meth:`MAMLTRPO.step`):
    ``-mean_i mean_t(exp(log pi_theta'_i - log pi_old) A_post)`` and the constraint
    ``mean_i mean_t KL(pi_old || pi_theta'_i)`` on the post-update observations are
    differentiated through the inner step. The step uses :mod:`metagrad.rl.trpo`:
-   conjugate gradient (:mod:`metagrad.core.linalg`) on the exact (double backward through
-   the inner step) or finite-difference KL Hessian-vector product, then the backtracking
-   line search (whose candidates are evaluated with one inner step and no second-order
-   graph).
+   conjugate gradient (:mod:`metagrad.core.linalg`) on KL Hessian-vector products: Fisher
+   products through the inner step (:meth:`MetaObjective.fisher_product`, the default:
+   the KL Hessian at the old policy), the exact double backward, or finite differences;
+   then the backtracking line search (whose candidates are evaluated with one inner step
+   and no second-order graph).
 
 ``adapt=False`` (methods ``pretrain`` and ``oracle``) is plain TRPO on the task
 distribution: no inner step, the objective is on the pre-update paths.
@@ -362,7 +363,7 @@ def meta_trpo_step(
     cg_iters: int = 10,
     backtrack_ratio: float = 0.8,
     max_backtracks: int = 15,
-    hvp: Literal["exact", "finite_difference", "fisher"] = "exact",
+    hvp: Literal["exact", "finite_difference", "fisher"] = "fisher",
     fd_base_eps: float = 1.0,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> TRPOStepResult:
@@ -440,7 +441,7 @@ class MAMLTRPO:
     cg_damping: float = 1e-5
     backtrack_ratio: float = 0.8
     max_backtracks: int = 15
-    hvp: Literal["exact", "finite_difference", "fisher"] = "exact"
+    hvp: Literal["exact", "finite_difference", "fisher"] = "fisher"
 
     def process(self, traj: Trajectories) -> PGBatch:
         return process_trajectories(traj, self.gamma, self.gae_lambda, self.normalize_advantages)
