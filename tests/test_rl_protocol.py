@@ -47,6 +47,13 @@ def test_budget_and_fixed_step_sizes_reach_the_sampler(calls):
     assert result["env_steps_per_step"] == 30 and result["step_sizes"] == [0.2, 0.1, 0.1]
 
 
+def test_the_oracle_is_not_adapted(calls):
+    exp = small(method="oracle")
+    result = exp.evaluate(exp.build())
+    (call,) = calls  # no tuning: its step size is 0, as the original's oracle
+    assert call["lrs"] == [0.0, 0.0, 0.0] and result["step_sizes"] == [0.0, 0.0, 0.0]
+
+
 def test_pretrained_step_size_is_tuned_on_validation_tasks(calls):
     exp = small(method="pretrain")
     result = exp.evaluate(exp.build())

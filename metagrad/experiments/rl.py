@@ -25,7 +25,8 @@ Evaluation follows the original test scripts (cbfinn/maml_rl ``maml_examples/tes
 paths (4,000; 8,000 for ant direction) before and after each of ``eval_steps`` (3)
 policy-gradient steps, fresh paths of the current adapted policy for every step, step sizes
 ``lr, f lr, f lr, ...`` (``f = eval_later_factor``: 0.5; ant direction 0.01). Each method has
-its own ``lr``: MAML its ``inner_lr``; the pretrained policy ``pretrain_eval_lr`` and the
+its own ``lr``: MAML its ``inner_lr``; the oracle 0 (it sees the task; the original did not
+adapt it); the pretrained policy ``pretrain_eval_lr`` and the
 random baseline ``random_eval_lr``, each, when 0 (the default), tuned on ``tune_tasks``
 validation tasks (from ``val_seed``, never the test tasks) over ``eval_lr_grid`` by the
 return after one step (the sweep is in ``eval.json``). The random baseline (a ``maml`` run's
@@ -404,7 +405,9 @@ class RLExperiment(Experiment):
     def evaluate(self, maml: MAML) -> dict[str, Any]:
         cfg = self.cfg
         tuning = {}
-        lr = maml.inner_lr  # MAML and the oracle: the run's own step size
+        lr = maml.inner_lr  # MAML: the run's own step size
+        if cfg["method"] == "oracle":  # it sees the task: the original did not adapt it (0)
+            lr = 0.0
         if cfg["method"] == "pretrain":
             lr = cfg["pretrain_eval_lr"]
             if not lr:
