@@ -80,14 +80,19 @@ def _policy_kl_problem() -> tuple[GaussianMLPPolicy, list[torch.Tensor], object]
     return policy, theta, kl_fn
 
 
-def test_exact_hvp_matches_explicit_hessian_and_finite_differences() -> None:
+def _flat_kl_problem():
+    """The KL problem as a function of one flat vector, and its explicit Hessian."""
     _, theta, kl_fn = _policy_kl_problem()
     flat = flatten(theta)
 
     def kl_flat(x: torch.Tensor) -> torch.Tensor:
         return kl_fn(unflatten(x, theta))
 
-    hess = torch.autograd.functional.hessian(kl_flat, flat)
+    return theta, kl_fn, flat, kl_flat, torch.autograd.functional.hessian(kl_flat, flat)
+
+
+def test_exact_hvp_matches_explicit_hessian_and_finite_differences() -> None:
+    theta, kl_fn, flat, kl_flat, hess = _flat_kl_problem()
     v = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(2), dtype=D)
     damping = 1e-3
     hv = hvp_exact(kl_fn, theta, damping=damping)(v)
@@ -103,13 +108,7 @@ def test_exact_hvp_matches_explicit_hessian_and_finite_differences() -> None:
 
 
 def test_gradient_step_jacobian_is_identity_minus_lr_hessian() -> None:
-    _, theta, kl_fn = _policy_kl_problem()
-    flat = flatten(theta)
-
-    def kl_flat(x: torch.Tensor) -> torch.Tensor:
-        return kl_fn(unflatten(x, theta))
-
-    hess = torch.autograd.functional.hessian(kl_flat, flat)
+    theta, kl_fn, flat, kl_flat, hess = _flat_kl_problem()
     grad = torch.autograd.functional.jacobian(kl_flat, flat)
     stepped, jacobian = gradient_step_jacobian(kl_fn, theta, 0.3)
     torch.testing.assert_close(flatten(stepped), flat - 0.3 * grad, rtol=1e-12, atol=1e-14)
