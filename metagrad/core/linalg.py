@@ -11,6 +11,10 @@ closure may run an inner adaptation from ``params`` itself (a meta-objective):
   differentiated again for every ``v``. For MAML this differentiates through the inner
   gradient step, so the closure's inner step must build a graph (``create_graph=True`` /
   ``torch.func.grad``).
+* :func:`gradient_step_jacobian` takes one gradient step and gives its Jacobian
+  ``w -> w - lr H w`` from a gradient graph built once: chained over inner steps, the
+  Jacobian of an adaptation, applied both ways (MAML-TRPO's Fisher-vector products).
+* :func:`conjugate_gradient_residual` also returns the solver's residual.
 * :func:`hvp_finite_difference` gives ``(g(theta + r v) - g(theta - r v)) / 2r +
   damping v`` with ``g`` the closure's gradient and ``r = base_eps / (||theta|| + 1e-8)``
   as rllab's ``FiniteDifferenceHvp``; it needs only first derivatives of the closure
@@ -128,42 +132,6 @@ def hvp_exact(fn: Closure, params: Sequence[Tensor], damping: float = 1e-5) -> H
     return hvp
 
 
-def gauss_newton_vp(
-    fn: Callable[[list[Tensor]], tuple[Tensor, ...]],
-    params: Sequence[Tensor],
-    metric: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]],
-    damping: float = 1e-5,
-) -> HVP:
-    """``v -> J^T M J v + damping v`` for the outputs ``ys = fn(params)`` with Jacobian ``J``
-    and a linear ``metric`` ``M`` (``metric(J v)`` returns ``M J v``, shaped as ``ys``).
-
-    This is the Hessian of ``loss(fn(params))`` wherever the loss's gradient in ``ys`` is 0
-    and ``M`` is its Hessian there: TRPO's KL at the old policy, whose Hessian is the Fisher
-    matrix. It needs no third derivatives where ``fn`` holds a gradient (MAML's inner step),
-    unlike :func:`hvp_exact`. ``J v`` comes from the double-backward trick: ``J^T u`` is built
-    once with ``u`` as a variable, and its derivative in ``u`` along ``v`` is ``J v``.
-    """
-    xs = leaves(params)
-    ys = fn(xs)
-    us = [torch.zeros_like(y, requires_grad=True) for y in ys]
-    dot = torch.stack([(y * u).sum() for y, u in zip(ys, us, strict=True)]).sum()
-    jt_u = flatten(grads(dot, xs, create_graph=True))
-
-    def gnvp(v: Tensor) -> Tensor:
-        raw = torch.autograd.grad(
-            jt_u, us, grad_outputs=v.to(jt_u.dtype), retain_graph=True, allow_unused=True
-        )
-        jv = tuple(torch.zeros_like(u) if j is None else j for j, u in zip(raw, us, strict=True))
-        mjv = metric(jv)
-        out = torch.autograd.grad(ys, xs, grad_outputs=mjv, retain_graph=True, allow_unused=True)
-        flat = flatten(
-            [torch.zeros_like(x) if o is None else o for o, x in zip(out, xs, strict=True)]
-        )
-        return flat.detach() + damping * v
-
-    return gnvp
-
-
 def gradient_step_jacobian(
     fn: Closure, params: Sequence[Tensor], lr: float
 ) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Tensor]]]:
@@ -234,7 +202,6 @@ __all__ = [
     "conjugate_gradient",
     "conjugate_gradient_residual",
     "flatten",
-    "gauss_newton_vp",
     "gradient_step_jacobian",
     "grads",
     "hvp_exact",
