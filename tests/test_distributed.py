@@ -144,9 +144,13 @@ def test_two_ranks_match_one_process_meta_rl(tmp_path, one_thread):
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), case
         single = fresh_run(tmp_path / f"{case}-single")
         maml = train(worker.experiment(case), single, progress=False)
-        assert_params_close(ranks[0], maml.state_dict())
+        # the same floats: every per-task quantity is summed in task order (World.sum_rows),
+        # and the cheetah's contacts would turn any rounding difference into other paths
+        one_process = maml.state_dict()
+        assert all(torch.equal(ranks[0][k], one_process[k]) for k in one_process), case
         assert any(not torch.equal(ranks[0][k], v) for k, v in _initial(worker, case).items())
         multi, one = Run(tmp_path / case).metrics(), single.metrics()
+        assert len(multi) == len(one) == 2
         for key in ("return_pre", "return_post", "kl"):  # the whole meta-batch's, as one process
             torch.testing.assert_close(
                 torch.tensor([r[key] for r in multi]), torch.tensor([r[key] for r in one]),

@@ -134,6 +134,38 @@ def test_fisher_product_is_the_kl_hessian_at_the_old_policy(first_order, inner_s
     torch.testing.assert_close(summed, obj.fisher_product(theta)(v), rtol=1e-9, atol=1e-12)
 
 
+def test_task_rows_sum_to_the_objective_and_its_derivatives():
+    # the per-task rows several processes gather (summed in task order): their sums are
+    # the surrogate, its gradient, the Fisher product and the line-search scores
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(3, 2, hidden_sizes=(6, 5)).double()
+    g = torch.Generator().manual_seed(1)
+    pre, post = random_batch(3, 9, 3, 2, g), random_batch(3, 7, 3, 2, g)
+    obj = MetaObjective(policy, [pre], [0.3], post, total_tasks=3)
+    theta = [p.detach().requires_grad_(True) for p in policy.parameters()]
+    terms, rows = obj.task_gradient(theta)
+    assert terms.shape == (3,) and rows.shape == (3, sum(t.numel() for t in theta))
+    torch.testing.assert_close(terms.sum(), obj.surrogate(theta).detach(), rtol=1e-12, atol=0)
+    grad = torch.cat([t.flatten() for t in torch.autograd.grad(obj.surrogate(theta), theta)])
+    torch.testing.assert_close(rows.sum(0), grad, rtol=1e-10, atol=1e-12)
+    v = torch.randn(rows.shape[1], generator=g, dtype=torch.float64)
+    fisher_rows = obj.fisher_product(theta, rows=True)(v)
+    assert fisher_rows.shape == rows.shape
+    torch.testing.assert_close(fisher_rows.sum(0), obj.fisher_product(theta)(v), rtol=1e-10, atol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match="damping"):
+        obj.fisher_product(theta, 1e-3, rows=True)
+    surr, kl = obj.task_scores([t + 0.01 for t in theta])
+    loss_ref, kl_ref = obj.evaluate([t + 0.01 for t in theta])
+    assert float(surr.sum()) == pytest.approx(loss_ref, rel=1e-12)
+    assert float(kl.sum()) == pytest.approx(kl_ref, rel=1e-12) and kl_ref > 0
+    # the row path of the TRPO step takes the plain path's step
+    plain = meta_trpo_step(obj)
+    summed = meta_trpo_step(obj, reduce=lambda r: r.sum(0))
+    assert plain.accepted and summed.accepted
+    for a, b in zip(plain.params, summed.params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_batched_adaptation_matches_maml_core_adapt():
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(3, 2, hidden_sizes=(6,)).double()

@@ -13,7 +13,9 @@ cheap next to the meta-gradient of ``B/W`` tasks. The meta-loss is a mean over t
 each rank weights the gradient of its shard mean by ``shard_size / B`` and the all-reduce
 sums them: the result is the single-process meta-gradient, up to float rounding, also when
 ``W`` does not divide ``B`` (the shards then differ by one task). Training metrics (loss,
-accuracy) are averaged the same way, in the same buffer.
+accuracy) are averaged the same way, in the same buffer. Meta-RL sums per-task rows
+gathered from every rank in task order instead (:meth:`World.sum_rows`): the same floats
+as one process, which chaotic simulators need.
 
 Only rank 0 writes the run directory (config, metrics, checkpoints), validates, evaluates
 and shows the progress bar; the others wait for it at their next collective operation.
@@ -175,6 +177,12 @@ class World:
         """The sum of ``tensor`` over ranks (a new tensor; here, a copy)."""
         return tensor.clone()
 
+    def sum_rows(self, rows: Tensor, where: str = "") -> Tensor:
+        """The sum over the first dimension of every rank's ``rows`` together, in rank
+        order: ``rows.sum(0)`` of their concatenation, so the same floats as one process
+        holding all the rows (an all-reduce would add the ranks' partial sums instead)."""
+        return rows.sum(0)
+
     def reduce_step(
         self,
         module: nn.Module,
@@ -323,6 +331,19 @@ class DistributedWorld(World):
         out = tensor.detach().clone()
         self._guard(where or "an all-reduce", lambda: self._dist.all_reduce(out))
         return out
+
+    def sum_rows(self, rows: Tensor, where: str = "") -> Tensor:
+        rows = rows.detach().contiguous()
+        what = where or "an all-gather"
+        count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(self.size)]
+        self._guard(what, lambda: self._dist.all_gather(counts, count))
+        most = int(max(int(c) for c in counts))
+        padded = rows.new_zeros((most, *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        self._guard(what, lambda: self._dist.all_gather(parts, padded))
+        return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)]).sum(0)
 
     def broadcast_module(self, module: nn.Module, where: str = "") -> None:
         def run() -> None:

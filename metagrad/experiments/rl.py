@@ -162,7 +162,7 @@ class RLBatch:
     seed: int
     tasks: int  # the meta-batch size
     part: tuple[int, int] | None = None  # this process's tasks [lo, hi); None: all
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # the sum over processes
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # rows summed over processes
 
     def shard(self, world: Any) -> tuple[RLBatch, float]:
         """This process's part of the meta-batch and its share (``World.shard`` calls it)."""
@@ -171,7 +171,7 @@ class RLBatch:
         if world.size == 1:
             return self, 1.0
         lo, hi = shard_bounds(self.tasks, world.rank, world.size)
-        return replace(self, part=(lo, hi), reduce=world.all_reduce), (hi - lo) / self.tasks
+        return replace(self, part=(lo, hi), reduce=world.sum_rows), (hi - lo) / self.tasks
 
 
 def _check(cfg: dict[str, Any]) -> None:

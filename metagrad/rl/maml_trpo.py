@@ -257,12 +257,15 @@ class MetaObjective:
     def adapted(self, theta: Sequence[Tensor], graph: bool = True) -> Params:
         """Per-task post-update parameters ``[tasks, ...]`` from ``theta``."""
         params = dict(zip(self.names, theta, strict=True))
-        if not self.inner:
-            return expand_params(params, self.post.num_tasks)
+        return self._adapt_rows(expand_params(params, self.post.num_tasks), graph)
+
+    def _adapt_rows(self, fast: Params, graph: bool) -> Params:
         first_order = self.first_order or not graph
-        return adapt(
-            self.module, params, self.buffers, self.inner, self.lrs, first_order=first_order
-        )
+        for batch, lr in zip(self.inner, self.lrs, strict=True):
+            fast = policy_gradient_step(
+                self.module, fast, self.buffers, batch, lr, first_order=first_order
+            )
+        return fast
 
     def distribution(self, theta: Sequence[Tensor], graph: bool = True) -> tuple[Tensor, Tensor]:
         """Post-update ``(mean, log_std)`` on the objective's observations."""
@@ -274,18 +277,57 @@ class MetaObjective:
             return per_task.mean()
         return per_task.sum() / self.total_tasks
 
-    def _surrogate(self, mean: Tensor, log_std: Tensor) -> Tensor:
+    def _task_surrogates(self, mean: Tensor, log_std: Tensor) -> Tensor:
         logp = diag_gaussian_log_prob(self.post.actions, mean, log_std)
         ratio = torch.exp(logp - self.old_logp)
-        return -self._over_tasks(_task_mean(ratio * self.post.advantages, self.post.mask))
+        return -_task_mean(ratio * self.post.advantages, self.post.mask)
+
+    def _task_kls(self, mean: Tensor, log_std: Tensor) -> Tensor:
+        kl = diag_gaussian_kl(self.old_mean, self.old_log_std, mean, log_std)
+        return _task_mean(kl, self.post.mask)
+
+    def _surrogate(self, mean: Tensor, log_std: Tensor) -> Tensor:
+        return self._over_tasks(self._task_surrogates(mean, log_std))
 
     def _kl(self, mean: Tensor, log_std: Tensor) -> Tensor:
-        kl = diag_gaussian_kl(self.old_mean, self.old_log_std, mean, log_std)
-        return self._over_tasks(_task_mean(kl, self.post.mask))
+        return self._over_tasks(self._task_kls(mean, log_std))
 
-    def fisher_product(self, theta: Sequence[Tensor], damping: float = 0.0) -> HVP:
+    def _rows(self, per_task: Tensor) -> Tensor:
+        """Each task's term of the objective (the terms sum to it)."""
+        total = self.post.num_tasks if self.total_tasks is None else self.total_tasks
+        return per_task / total
+
+    def task_gradient(self, theta: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Each task's term of :meth:`surrogate` and its gradient in ``theta``:
+        ``[tasks]`` and ``[tasks, P]`` (flat).
+
+        Rows rather than their sum: summed in one fixed order (``rows.sum(0)``) they give
+        the same floats whether one process holds every task or several hold a share each.
+        """
+        tasks = self.post.num_tasks
+        x = [t.detach().unsqueeze(0).expand(tasks, *t.shape).requires_grad_(True) for t in theta]
+        fast = self._adapt_rows(dict(zip(self.names, x, strict=True)), graph=True)
+        mean, log_std = task_distributions(self.module, fast, self.buffers, self.post.obs)
+        terms = self._rows(self._task_surrogates(mean, log_std))
+        gs = torch.autograd.grad(terms.sum(), x, allow_unused=True, materialize_grads=True)
+        return terms.detach(), torch.cat([g.reshape(tasks, -1) for g in gs], 1).detach()
+
+    def task_scores(self, theta: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Each task's terms of :meth:`surrogate` and :meth:`kl` at ``theta`` (no graph)."""
+        mean, log_std = self.distribution([t.detach() for t in theta], graph=False)
+        with torch.no_grad():
+            return (
+                self._rows(self._task_surrogates(mean, log_std)),
+                self._rows(self._task_kls(mean, log_std)),
+            )
+
+    def fisher_product(
+        self, theta: Sequence[Tensor], damping: float = 0.0, *, rows: bool = False
+    ) -> HVP:
         """``v -> F v + damping v``, ``F`` the Fisher matrix of the post-update policies in
         ``theta``: the Hessian of :meth:`kl` at the old policy (where TRPO takes it).
+        ``rows``: return each task's term of ``F v``, ``[tasks, P]`` (``damping`` must then
+        be 0: it is added once, after the sum).
 
         ``F = J^T M J`` with ``M`` the Gaussian's Fisher matrix in (mean, log_std) and ``J``
         the Jacobian of the post-update outputs, ``J = J_post (I - a_K H_K) ... (I - a_1 H_1)
@@ -296,6 +338,8 @@ class MetaObjective:
         each way through the post-update forward, with none of the third derivatives that
         differentiating :meth:`kl` twice carries (they vanish at the old policy).
         """
+        if rows and damping:
+            raise ValueError("rows=True takes no damping (add it to the sum of the rows)")
         tasks_here = self.post.num_tasks
         x = [t.detach().unsqueeze(0).expand(tasks_here, *t.shape) for t in theta]
         steps = []
@@ -336,6 +380,8 @@ class MetaObjective:
             w = _grad_or_zeros(ys, fast, mjv)
             for jacobian in reversed(steps):
                 w = jacobian(w)
+            if rows:
+                return torch.cat([t.reshape(tasks_here, -1) for t in w], 1).detach()
             return core.linalg.flatten([t.sum(0) for t in w]).detach() + damping * v
 
         return product
@@ -372,13 +418,34 @@ def meta_trpo_step(
     As :func:`metagrad.rl.trpo.trpo_step`, except that the line search evaluates the
     surrogate and the KL of a candidate together, with one inner step and no graph, and
     ``hvp="fisher"`` takes the KL Hessian as the Fisher matrix (:meth:`MetaObjective.fisher_product`).
+
+    ``reduce`` (a sum of rows, see ``trpo_step``): the gradient, the Fisher products and the
+    line-search scores are handed to it as one row per task, so the sum over tasks is
+    taken in one order however the tasks are spread over processes.
     """
+    if reduce is None:
+        return trpo_step(
+            objective.surrogate, objective.kl, list(objective.module.parameters()),
+            max_kl=max_kl, damping=damping, cg_iters=cg_iters, backtrack_ratio=backtrack_ratio,
+            max_backtracks=max_backtracks, fd_base_eps=fd_base_eps, evaluate=objective.evaluate,
+            hvp=objective.fisher_product if hvp == "fisher" else hvp,
+        )  # fmt: skip
+
+    def fisher_rows(theta: list[Tensor], damping: float) -> HVP:
+        return objective.fisher_product(theta, damping, rows=True)
+
     return trpo_step(
         objective.surrogate, objective.kl, list(objective.module.parameters()),
         max_kl=max_kl, damping=damping, cg_iters=cg_iters, backtrack_ratio=backtrack_ratio,
-        max_backtracks=max_backtracks, fd_base_eps=fd_base_eps, evaluate=objective.evaluate,
-        hvp=objective.fisher_product if hvp == "fisher" else hvp, reduce=reduce,
+        max_backtracks=max_backtracks, fd_base_eps=fd_base_eps, evaluate=objective.task_scores,
+        hvp=fisher_rows if hvp == "fisher" else hvp, reduce=reduce,
+        gradient=objective.task_gradient,
     )  # fmt: skip
+
+
+def sum_rows(rows: Tensor) -> Tensor:
+    """The sum of ``rows`` over its first dimension: one process's ``reduce``."""
+    return rows.sum(0)
 
 
 # --------------------------------------------------------------------------- module and loop
@@ -453,10 +520,12 @@ class MAMLTRPO:
         """One meta-iteration on ``tasks``; updates ``policy``'s parameters in place.
 
         Several processes: each passes the whole meta-batch ``tasks``, its ``shard=(lo,
-        hi)`` of it, and ``reduce`` (a sum over the processes); each samples and adapts only
-        its tasks, TRPO's quantities are reduced, and every process takes the same step,
-        the one a single process takes on all of ``tasks``. The returned returns are the
-        means over this process's tasks.
+        hi)`` of it, and ``reduce`` (the sum of every process's rows in task order, e.g.
+        :meth:`~metagrad.experiments.distributed.World.sum_rows`); each samples and adapts
+        only its tasks, TRPO's per-task quantities are summed by ``reduce``, and every
+        process takes the same step as one process on all of ``tasks``: the same floats,
+        as one process sums the same rows in the same order (:func:`sum_rows`). The
+        returned returns are the means over this process's tasks.
         """
         # each step allocates and frees tens of MB of activations: keep them for reuse
         keep_freed_memory()
@@ -474,12 +543,12 @@ class MAMLTRPO:
         post = self.process(sampler.sample(current, tasks, rollouts, shard=shard))
         objective = MetaObjective(
             policy, inner, [self.inner_lr] * len(inner), post, first_order=self.first_order,
-            total_tasks=None if shard is None else len(tasks),
+            total_tasks=len(tasks),
         )  # fmt: skip
         result = meta_trpo_step(
             objective, max_kl=self.max_kl, damping=self.cg_damping, cg_iters=self.cg_iters,
             backtrack_ratio=self.backtrack_ratio, max_backtracks=self.max_backtracks,
-            hvp=self.hvp, reduce=reduce,
+            hvp=self.hvp, reduce=reduce or sum_rows,
         )  # fmt: skip
         with torch.no_grad():
             for p, new in zip(policy.parameters(), result.params, strict=True):

@@ -117,8 +117,14 @@ class TRPOStepResult:
     step_scale: float
 
 
+def _rows(x: Tensor | float, dims: int) -> Tensor:
+    """``x`` with a leading row dimension (one row if it has none)."""
+    x = torch.as_tensor(x).detach()
+    return x if x.dim() == dims else x.reshape(1, *x.shape[x.dim() - dims + 1 :])
+
+
 def _reduced_avp(avp: HVP, reduce: Callable[[Tensor], Tensor], damping: float) -> HVP:
-    return lambda v: reduce(avp(v)) + damping * v
+    return lambda v: reduce(_rows(avp(v), 2)) + damping * v
 
 
 def _reduced_scores(
@@ -127,7 +133,8 @@ def _reduced_scores(
 ) -> Callable[[list[Tensor]], tuple[float, float]]:
     def scores(cand: list[Tensor]) -> tuple[float, float]:
         loss, kl = fn(cand)
-        total = reduce(torch.tensor([_item(loss), _item(kl)], dtype=torch.float64))
+        rows = torch.stack([_rows(loss, 1), _rows(kl, 1)], 1).to(torch.float64)
+        total = reduce(rows)
         return float(total[0]), float(total[1])
 
     return scores
@@ -146,6 +153,7 @@ def trpo_step(
     fd_base_eps: float = 1.0,
     evaluate: Callable[[Sequence[Tensor]], tuple[float, float]] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    gradient: Callable[[list[Tensor]], tuple[Tensor, Tensor]] | None = None,
 ) -> TRPOStepResult:
     """One TRPO update of ``params`` minimising ``loss_fn`` subject to ``kl_fn <= max_kl``.
 
@@ -157,21 +165,29 @@ def trpo_step(
     product by double backward (``"exact"``), by finite differences, or a callable
     ``hvp(theta, damping) -> (v -> H v + damping v)`` (e.g. a Fisher-vector product).
 
+    ``gradient(theta) -> (loss, flat gradient)`` replaces differentiating ``loss_fn``.
+
     ``reduce`` (several processes): each process's closures hold its share of the objective
-    (its tasks' sum over the total), and ``reduce`` sums a tensor over the processes; the
-    gradient, every Hessian-vector product and every line-search score are reduced, so all
-    processes take the same step.
+    (its tasks' sum over the total), as rows: ``reduce(rows)`` sums the rows (first
+    dimension) of every process, in one fixed order. The gradient, every Hessian-vector
+    product and every line-search score are reduced, so all processes take the same step.
+    Values without a row dimension (a scalar loss, a flat gradient) count as one row; a
+    ``gradient``, ``hvp`` or ``evaluate`` may return one row per task (``[tasks]``,
+    ``[tasks, P]``), which makes the sum independent of how tasks are spread.
     """
     if not callable(hvp) and hvp not in ("exact", "finite_difference"):
         raise ValueError(f"hvp must be 'exact', 'finite_difference' or a callable, got {hvp!r}")
     theta = leaves(params)
-    loss = loss_fn(theta)
-    g = flatten(grads(loss, theta)).detach()
-    loss_before = _item(loss)
+    if gradient is None:
+        loss = loss_fn(theta)
+        g = flatten(grads(loss, theta)).detach()
+        loss = loss.detach()  # frees the loss graph before the Hessian-vector products
+    else:
+        loss, g = gradient(theta)
     if reduce is not None:
-        g = reduce(g)
-        loss_before = _item(reduce(loss.detach().reshape(1)))
-    del loss  # frees the loss graph before the Hessian-vector products
+        g = reduce(_rows(g, 2))
+        loss = reduce(_rows(loss, 1))
+    loss_before = _item(loss.sum())
     local_damping = damping if reduce is None else 0.0  # added once, after the sum
     if callable(hvp):
         avp = hvp(theta, local_damping)
