@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--over-seeds", action="store_true",
         help="the runs are one configuration trained with different seeds: print the mean "
-        "over them with a 95%% CI over seeds",
+        "over them with a 95%% CI over seeds (Student's t)",
     )  # fmt: skip
     e.add_argument(
         "--checkpoint", choices=["best", "last"], default="best",

@@ -37,8 +37,9 @@ def evaluate_run(
 def over_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runs of one configuration that differ in their training seed, as one result:
     per setting and step, the mean over runs of their mean metric, with the 95% CI over
-    runs (``ci95``, 1.96 standard errors; 0 for one run) and the standard deviation
-    (``std``). The interval is about the training seed, not the test tasks."""
+    runs (``ci95``: Student's t for ``runs - 1`` degrees of freedom, 4.30 standard errors
+    for 3 runs; 0 for one run) and the standard deviation (``std``). The interval is about
+    the training seed, not the test tasks."""
     from ..errors import ConfigError
     from .stats import mean_ci95
 
@@ -53,7 +54,7 @@ def over_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged = {}
     for setting in settings:
         values = torch.tensor([res["results"][setting][metric] for res in results])
-        mean, ci = mean_ci95(values)
+        mean, ci = mean_ci95(values, student=True)
         std = values.double().std(0).tolist() if len(results) > 1 else [0.0] * len(steps)
         merged[setting] = {metric: mean, "ci95": ci, "std": std}
     label = first.get("algorithm", first["method"])
