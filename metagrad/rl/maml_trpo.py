@@ -208,6 +208,19 @@ def adapt(
     if not batches:
         raise ValueError("adapt needs at least one batch (it fixes the number of tasks)")
     fast = expand_params(params, batches[0].num_tasks)
+    return adapt_rows(module, fast, buffers, batches, lrs, first_order=first_order)
+
+
+def adapt_rows(
+    module: nn.Module,
+    fast: Params,
+    buffers: Params,
+    batches: Sequence[PGBatch],
+    lrs: Sequence[float],
+    *,
+    first_order: bool = False,
+) -> Params:
+    """:func:`adapt` from per-task parameters ``[tasks, ...]`` (none: ``fast`` itself)."""
     for batch, lr in zip(batches, lrs, strict=True):
         fast = policy_gradient_step(module, fast, buffers, batch, lr, first_order=first_order)
     return fast
@@ -261,11 +274,9 @@ class MetaObjective:
 
     def _adapt_rows(self, fast: Params, graph: bool) -> Params:
         first_order = self.first_order or not graph
-        for batch, lr in zip(self.inner, self.lrs, strict=True):
-            fast = policy_gradient_step(
-                self.module, fast, self.buffers, batch, lr, first_order=first_order
-            )
-        return fast
+        return adapt_rows(
+            self.module, fast, self.buffers, self.inner, self.lrs, first_order=first_order
+        )
 
     def distribution(self, theta: Sequence[Tensor], graph: bool = True) -> tuple[Tensor, Tensor]:
         """Post-update ``(mean, log_std)`` on the objective's observations."""
