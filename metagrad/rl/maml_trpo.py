@@ -434,23 +434,18 @@ def meta_trpo_step(
     line-search scores are handed to it as one row per task, so the sum over tasks is
     taken in one order however the tasks are spread over processes.
     """
-    if reduce is None:
-        return trpo_step(
-            objective.surrogate, objective.kl, list(objective.module.parameters()),
-            max_kl=max_kl, damping=damping, cg_iters=cg_iters, backtrack_ratio=backtrack_ratio,
-            max_backtracks=max_backtracks, fd_base_eps=fd_base_eps, evaluate=objective.evaluate,
-            hvp=objective.fisher_product if hvp == "fisher" else hvp,
-        )  # fmt: skip
+    rows = reduce is not None
 
-    def fisher_rows(theta: list[Tensor], damping: float) -> HVP:
-        return objective.fisher_product(theta, damping, rows=True)
+    def fisher(theta: list[Tensor], damping: float) -> HVP:
+        return objective.fisher_product(theta, damping, rows=rows)
 
     return trpo_step(
         objective.surrogate, objective.kl, list(objective.module.parameters()),
         max_kl=max_kl, damping=damping, cg_iters=cg_iters, backtrack_ratio=backtrack_ratio,
-        max_backtracks=max_backtracks, fd_base_eps=fd_base_eps, evaluate=objective.task_scores,
-        hvp=fisher_rows if hvp == "fisher" else hvp, reduce=reduce,
-        gradient=objective.task_gradient,
+        max_backtracks=max_backtracks, fd_base_eps=fd_base_eps,
+        evaluate=objective.task_scores if rows else objective.evaluate,
+        hvp=fisher if hvp == "fisher" else hvp, reduce=reduce,
+        gradient=objective.task_gradient if rows else None,
     )  # fmt: skip
 
 
