@@ -45,7 +45,12 @@ def test_readme_links_resolve():
 
 
 @pytest.mark.parametrize(
-    "section", ["## Results measured here", "## Performance against the peers"]
+    "section",
+    [
+        "## Results measured here",
+        "## The paper's Omniglot table",
+        "## Performance against the peers",
+    ],
 )
 def test_every_number_in_the_readme_links_to_its_command(section):
     table = README.split(section)[1].split("\n## ")[0]
