@@ -59,6 +59,31 @@ def test_query_floor_reports_every_part(
     assert result.read_text().strip() == text.strip() == capsys.readouterr().out.strip()
 
 
+def test_bench_eval_times_both_layouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_eval")
+    text = bench.main(["--preset", "omniglot-5w1s", "--tasks", "1", "--rounds", "1",
+                       "--out-dir", str(tmp_path)])  # fmt: skip
+    for layout in ("contiguous", "channels_last"):
+        assert f"| {layout} |" in text
+    assert "Same curve in both layouts (rtol 1e-4): yes." in text
+    (result,) = tmp_path.glob("*-omniglot-5w1s-eval.md")
+    assert result.read_text().strip() == text.strip() == capsys.readouterr().out.strip()
+
+
+def test_bench_eval_refuses_a_preset_without_images(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("bench_eval")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "sinusoid"])
+    assert e.value.code == 2
+    assert "sinusoid is not an Omniglot or MiniImagenet preset" in capsys.readouterr().err
+
+
 FAMILY = ("metasgd", "anil", "maml-adam")
 
 

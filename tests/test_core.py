@@ -570,6 +570,32 @@ def test_channels_last_copy_hands_back_contiguous_gradients():
     assert torch.isfinite(gg).all()
 
 
+def test_channels_last_copy_of_one_channel_images_has_channels_last_strides():
+    """With one channel, NCHW strides already pass as channels_last; the copy must still
+    carry channel-minor strides, or oneDNN runs the pass in NCHW (what made evaluation slow)."""
+    x = torch.randn(6, 1, 5, 5)
+    w = torch.randn(4, 1, 3, 3)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            params, xc = mg.core.functional.to_channels_last({"w": w}, x)
+        assert torch.equal(xc, x) and torch.equal(params["w"], w)
+        assert xc.stride() == (25, 1, 5, 1)
+        assert params["w"].stride() == (9, 1, 3, 1)
+
+
+def test_adaptation_curve_is_the_same_in_both_layouts():
+    """The evaluation curve's query passes run in channels_last on CPU conv nets (no graph):
+    the same metrics as the contiguous passes and as the vectorized curve."""
+    model, loss_fn, data = make_case("conv_bn")
+    curves = []
+    for kw in ({"channels_last": False}, {"channels_last": True}, {"vectorize": True}):
+        maml = mg.MAML(model, loss_fn, inner_lr=0.1, **kw)
+        curves.append(maml.adaptation_curve(*data, steps=3, metrics={"loss": loss_fn})["loss"])
+    assert curves[0].shape == (data[0].shape[0], 4) and curves[0].dtype == torch.float64
+    for c in curves[1:]:
+        torch.testing.assert_close(c, curves[0], rtol=1e-12, atol=1e-14)
+
+
 def test_meta_backward_under_no_grad_says_so():
     model, loss_fn, data = make_case("conv_bn")
     with torch.no_grad(), pytest.raises(RuntimeError, match="needs grad mode"):

@@ -236,13 +236,21 @@ def curve(
     task: tuple[Tensor, Tensor, Tensor, Tensor],
     metrics: list[Callable[[Tensor, Tensor], Tensor]],
     lr: float | None = None,
+    channels_last: bool = False,
 ) -> Tensor:
-    """Metrics on one task's query set after 0..``spec.steps`` steps: ``[metrics, steps+1]``."""
+    """Metrics on one task's query set after 0..``spec.steps`` steps: ``[metrics, steps+1]``.
+
+    The query passes build no graph (metrics only); ``channels_last`` runs them in that
+    memory format, as :func:`outer_loss` does."""
     sx, sy, qx, qy = task
     trail = adapt(support_loss(model, loss_fn, buffers, sx, sy), params, spec, hyper, lr=lr, every_step=True)  # fmt: skip
     assert isinstance(trail, list)
     rows = []
-    for i, p in enumerate([params, *trail]):  # before any step: step 0's layers
-        out = forward(model, p, buffers, qx, max(i - 1, 0) if spec.stepwise else None)
-        rows.append(torch.stack([m(out, qy) for m in metrics]))
+    with torch.no_grad():
+        for i, p in enumerate([params, *trail]):  # before any step: step 0's layers
+            x = qx
+            if channels_last:
+                p, x = to_channels_last(p, qx)
+            out = forward(model, p, buffers, x, max(i - 1, 0) if spec.stepwise else None)
+            rows.append(torch.stack([m(out, qy) for m in metrics]))
     return torch.stack(rows, dim=-1)

@@ -47,7 +47,10 @@ def _channels_last(t: Tensor) -> Tensor:
         return t
     if t.requires_grad and torch.is_grad_enabled():
         return _ChannelsLast.apply(t)
-    return t.contiguous(memory_format=torch.channels_last)
+    # a clone, not ``contiguous``: with one channel (Omniglot images, a first conv's weight)
+    # the NCHW strides already count as channels_last and ``contiguous`` keeps them, so
+    # oneDNN would run the whole pass in NCHW
+    return t.clone(memory_format=torch.channels_last)
 
 
 def to_channels_last(params: Params, x: Tensor) -> tuple[Params, Tensor]:

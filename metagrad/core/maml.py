@@ -210,8 +210,10 @@ class MAML(nn.Module):
         spec, hyper, names = self.spec(steps, True), self.hyper(), list(metrics)
         fns = [metrics[n] for n in names]
 
+        channels_last = not vmapped and self._channels_last(query_x)
+
         def one(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-            return curve(self.model, self.loss_fn, spec, hyper, params, buffers, (sx, sy, qx, qy), fns, lr)  # fmt: skip
+            return curve(self.model, self.loss_fn, spec, hyper, params, buffers, (sx, sy, qx, qy), fns, lr, channels_last)  # fmt: skip
 
         if vmapped:
             curves = torch.vmap(one, randomness="different")(*data)
