@@ -324,12 +324,12 @@ def _report(e: MetagradError) -> None:
     """Print ``e`` as one line; the other ranks of a multi-process run leave to rank 0
     what it reports for all of them."""
     from .experiments.distributed import PeerFailed, current_rank
-    from .experiments.training import Diverged, Interrupted
+    from .experiments.training import Diverged
 
     rank = current_rank()
     if rank == 0:
         print(f"metagrad: error: {e}", file=sys.stderr)
-    elif not isinstance(e, PeerFailed | Interrupted | Diverged):  # every rank has them
+    elif not isinstance(e, PeerFailed | Diverged):  # every rank has them
         print(f"metagrad: error: rank {rank}: {e}", file=sys.stderr)
 
 
@@ -354,6 +354,13 @@ def _main(argv: Sequence[str] | None) -> int:
         _device(args.device)  # every command checks it, so a typo never passes silently
         return COMMANDS[args.command](args)
     except MetagradError as e:
+        from .experiments.distributed import current_rank
+        from .experiments.training import Interrupted
+
+        if isinstance(e, Interrupted):  # a requested stop, checkpointed: not an error
+            if current_rank() == 0:
+                print(f"metagrad: {e}", file=sys.stderr)
+            return e.exit_status
         _report(e)
         return 2
     except KeyboardInterrupt:

@@ -263,6 +263,22 @@ def test_hung_rank_times_out(tmp_path):
     assert "lost contact" in message and "iteration 3" in message, message
 
 
+@pytest.mark.parametrize(
+    "codes, expected",
+    [((143, 143), 143), ((0, 130), 130), ((2, 0), 2), ((0, 1), "rank 1 of 2")],
+)  # fmt: skip
+def test_launcher_passes_on_requested_stops_and_reports_crashes(codes, expected):
+    """128 + SIGTERM/SIGINT is a stop the rank was asked for and checkpointed, 2 an error it
+    printed: the launcher exits with it; any other status is a crash it names."""
+    script = f"import os, sys; sys.exit({list(codes)}[int(os.environ['RANK'])])"
+    run = lambda: D.launch([sys.executable, "-c", script], 2, grace_s=5.0)  # noqa: E731
+    if isinstance(expected, int):
+        assert run() == expected
+    else:
+        with pytest.raises(D.DistributedError, match=expected):
+            run()
+
+
 def test_meta_batch_smaller_than_world_is_a_one_line_error(tmp_path):
     proc = cli("train", "sinusoid", "--nproc", "3", "--set", "meta_batch=2",
                "--out", str(tmp_path / "r"))  # fmt: skip

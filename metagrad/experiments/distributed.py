@@ -477,6 +477,12 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _reported(code: int) -> bool:
+    """A rank's exit status that says it stopped on its own terms: 2 (it printed its error)
+    or 128 + SIGINT/SIGTERM (it was asked to stop and checkpointed)."""
+    return code == 2 or code - 128 in (signal.SIGINT, signal.SIGTERM)
+
+
 def launch(
     command: Sequence[str],
     nproc: int,
@@ -496,9 +502,10 @@ def launch(
     the processes (they stop at the end of the iteration and rank 0 checkpoints).
 
     When a process fails, the others get ``grace_s`` seconds to notice and exit, then
-    SIGTERM, and ``term_grace_s`` later SIGKILL. Returns 0 when all succeeded and 2 when
-    one failed with an error it printed itself; raises :class:`DistributedError` when one
-    crashed or was killed (``hint`` is appended to that message).
+    SIGTERM, and ``term_grace_s`` later SIGKILL. Returns 0 when all succeeded, 2 when one
+    failed with an error it printed itself, 128 + the signal when they stopped on SIGINT or
+    SIGTERM; raises :class:`DistributedError` when one crashed or was killed (``hint`` is
+    appended to that message).
     """
     if nproc < 1:
         raise ConfigError(f"bad value {nproc} for --nproc: must be >= 1")
@@ -535,7 +542,7 @@ def launch(
                 break
             failed = [(r, c) for r, c in enumerate(codes) if c is not None and c != 0]
             if failed and culprit is None:
-                culprit = next(((r, c) for r, c in failed if c != 2), failed[0])
+                culprit = next(((r, c) for r, c in failed if not _reported(c)), failed[0])
                 deadline = time.monotonic() + grace_s
             now = time.monotonic()
             if now > deadline:
@@ -560,12 +567,11 @@ def launch(
     if all(c == 0 for c in codes):
         return 0
     if culprit is None:  # all failed in the same poll
-        culprit = next(((r, c) for r, c in enumerate(codes) if c not in (0, 2)), None)
-        if culprit is None:
-            return 2
+        failed = [(r, c) for r, c in enumerate(codes) if c != 0]
+        culprit = next(((r, c) for r, c in failed if not _reported(c)), failed[0])
     rank, code = culprit
-    if code == 2:  # it reported its own error (a one-line "metagrad: error: ...")
-        return 2
+    if _reported(code):  # its own one-line report, or a requested stop
+        return code
     raise DistributedError(
         f"rank {rank} of {nproc} (pid {procs[rank].pid}) {_describe_exit(code)}; the other "
         f"processes stopped too{'; ' + hint if hint else ''}"

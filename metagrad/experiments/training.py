@@ -30,7 +30,17 @@ from .tensorboard import board
 
 
 class Interrupted(MetagradError):
-    pass
+    """Training stopped on SIGINT or SIGTERM after checkpointing. ``signum``: the signal this
+    process got (``None``: a rank stopped because another one got it). Not a failure: the
+    command exits ``128 + signum``, the shell's status for a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 class Diverged(MetagradError):
@@ -72,10 +82,10 @@ def _diverged(cfg: dict[str, Any], run: Run, iteration: int, ok: Tensor) -> Dive
 def _deferred_interrupts():
     """Turn SIGINT/SIGTERM into a flag checked between iterations, so that a checkpoint
     is never taken in the middle of an optimizer step."""
-    flag = {"stop": None}
+    flag: dict[str, Any] = {"stop": None, "signum": None}
 
     def handler(signum, _frame):
-        flag["stop"] = signal.Signals(signum).name
+        flag["stop"], flag["signum"] = signal.Signals(signum).name, signum
 
     previous = {}
     try:
@@ -248,7 +258,8 @@ def train(exp: Experiment, run: Run, *, progress: bool = True, world: World | No
                 by = flag["stop"] or "a signal to another process"
                 raise Interrupted(
                     f"stopped by {by} at iteration {done}/{total}; checkpoint saved, "
-                    f"run the same command again to resume"
+                    f"run the same command again to resume",
+                    flag["signum"],
                 )
         elapsed += time.perf_counter() - tick
     bar.close()
