@@ -133,7 +133,10 @@ def test_reptile_and_imaml_through_the_presets():
     # the supervised-reptile README's 1-shot 5-way Omniglot command
     assert (reptile["inner_lr"], reptile["inner_betas"], reptile["train_shots"]) == (0.001, [0.0, 0.999], 10)  # fmt: skip
     assert (reptile["iterations"], reptile["eval_steps"]) == (100_000, 50)
-    assert type(experiment_for(reptile).build()) is mg.Reptile
+    assert reptile["inner_batch"] == 10  # its inner steps on mini-batches of 10 of the 50
+    learner = experiment_for(reptile).build()
+    assert type(learner) is mg.Reptile and learner.inner_batch == 10
+    assert built("sinusoid", "algorithm=reptile").inner_batch is None  # full-batch steps
 
 
 @pytest.mark.parametrize(
@@ -144,6 +147,9 @@ def test_reptile_and_imaml_through_the_presets():
         (["algorithm=imaml", "cg_steps=0"], "cg_steps >= 1"),
         (["algorithm=reptile", "learn_lr=per-parameter"], "Reptile does not take learn_lr"),
         (["algorithm=reptile", "step_weights=1"], "Reptile does not take step_weights"),
+        (["algorithm=reptile", "inner_batch=11"], "inner_batch=11 exceeds the 10 examples"),
+        (["algorithm=reptile", "inner_batch=-1"], "inner_batch must be a positive"),
+        (["algorithm=maml", "inner_batch=5"], "inner_batch is Reptile's"),
     ],
 )
 def test_bad_reptile_and_imaml_values(sets, match):

@@ -62,6 +62,63 @@ def test_reptile_with_sgd_at_eps_is_the_papers_update():
         torch.testing.assert_close(p.detach(), theta[n] - 0.5 * ref[n])
 
 
+def test_reptile_minibatch_order_is_shuffled_passes_cut_into_batches():
+    g = torch.Generator().manual_seed(3)
+    order = mg.algorithms.reptile.minibatch_order(10, 4, 6, g)  # 24 indices: 3 passes of 10
+    assert order.shape == (6, 4)
+    flat = order.flatten()
+    for start in (0, 10):  # each complete pass is a permutation of 0..9
+        assert sorted(flat[start : start + 10].tolist()) == list(range(10))
+    assert len(set(flat[20:].tolist())) == 4  # the third pass, begun: no repeats
+    assert not torch.equal(flat[:10], flat[10:20])  # shuffled anew at each pass
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv_bn"])
+def test_reptile_minibatch_steps_match_a_hand_written_loop(kind):
+    """inner_batch: step k of task t runs on the k-th mini-batch of its support set, drawn
+    from torch's global generator task by task (SGD here, the reference by hand)."""
+    model, loss_fn, data = make_case(kind)
+    sx, sy, _, _ = data
+    size, batch, steps, lr = sx.shape[1], 3, 4, 0.05
+    torch.manual_seed(11)
+    orders = [mg.algorithms.reptile.minibatch_order(size, batch, steps) for _ in range(sx.shape[0])]
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    expected = {n: torch.zeros_like(p) for n, p in theta.items()}
+    for t, order in enumerate(orders):
+        phi = {n: p.clone().requires_grad_() for n, p in theta.items()}
+        for k in range(steps):
+            idx = order[k]
+            out = torch.func.functional_call(model, phi, (sx[t][idx],))
+            gs = torch.autograd.grad(loss_fn(out, sy[t][idx]), list(phi.values()))
+            phi = {n: (p - lr * g).detach().requires_grad_() for (n, p), g in zip(phi.items(), gs, strict=True)}  # fmt: skip
+        for n in theta:
+            expected[n] += (theta[n] - phi[n].detach()) / sx.shape[0]
+    reptile = mg.Reptile(model, loss_fn, inner_lr=lr, inner_steps=steps, inner_batch=batch, adapt=None)  # fmt: skip
+    torch.manual_seed(11)
+    reptile.meta_backward(*data)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12)
+
+
+def test_reptile_minibatch_of_the_whole_support_is_the_full_batch_step():
+    model, loss_fn, data = make_case("mlp")  # no normalisation: the order of examples is moot
+    size = data[0].shape[1]
+    grads = []
+    for inner_batch in (None, size):
+        model.zero_grad()
+        mg.Reptile(model, loss_fn, inner_lr=0.05, inner_steps=3, inner_batch=inner_batch).meta_backward(*data)  # fmt: skip
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-10, atol=1e-12)
+
+
+def test_reptile_minibatch_larger_than_the_support_set_is_refused():
+    model, loss_fn, data = make_case("mlp")
+    reptile = mg.Reptile(model, loss_fn, inner_batch=data[0].shape[1] + 1)
+    with pytest.raises(ValueError, match="exceeds the"):
+        reptile.meta_backward(*data)
+
+
 def least_squares(tasks=3, d=4, m=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tasks, 2 * m, d, generator=g, dtype=torch.float64)
@@ -164,6 +221,7 @@ def test_imaml_reported_loss_and_outputs():
         (mg.iMAML, {"vectorize": "support"}, "None, True or False"),
         (mg.Reptile, {"inner_steps": 0}, "inner_steps >= 1"),
         (mg.Reptile, {"inner_lr": 0.0}, "inner_lr must be > 0"),
+        (mg.Reptile, {"inner_batch": 0}, "inner_batch must be a positive"),
     ],
 )
 def test_bad_arguments_give_one_clear_error(cls, kwargs, match):

@@ -1,9 +1,15 @@
 """Reptile (Nichol, Achiam, Schulman, 2018, "On First-Order Meta-Learning Algorithms").
 
-Each task's parameters take ``inner_steps`` full-batch steps on its support set from
-``theta`` (no graph through them), and the meta-gradient is ``theta - mean_t phi_t``: with
-SGD at rate ``eps`` the outer step is the paper's ``theta += eps (mean_t phi_t - theta)``,
-with Adam its Adam variant. The query sets only give the reported loss and predictions.
+Each task's parameters take ``inner_steps`` steps on its support set from ``theta`` (no
+graph through them), and the meta-gradient is ``theta - mean_t phi_t``: with SGD at rate
+``eps`` the outer step is the paper's ``theta += eps (mean_t phi_t - theta)``, with Adam its
+Adam variant. The query sets only give the reported loss and predictions.
+
+The steps are full-batch, or with ``inner_batch`` take successive mini-batches of the
+support set, shuffled anew at each pass over it, as the paper's experiments do. It matters:
+k steps on one batch give, to second order, the gradient of that batch's loss and of its
+squared gradient norm (joint training), while steps on different mini-batches add the
+term that rewards gradients of one task's batches agreeing (the paper's section 5).
 """
 
 from __future__ import annotations
@@ -14,11 +20,34 @@ import torch
 from torch import Tensor, nn
 
 from ..core import MAML
-from ..core.adapt import adapt, outer_loss, support_loss
+from ..core.adapt import Loss, adapt, outer_loss, support_loss
 from ..core.executors import batched_adapt, check_batch, tasks
-from ..core.functional import LossFn
+from ..core.functional import LossFn, forward
 from ..core.spec import Hyper, Params
 from .common import add_to_grad, refuse
+
+
+def minibatch_order(
+    size: int, batch: int, steps: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """The support indices of ``steps`` mini-batches ``[steps, batch]``: passes over
+    ``0..size-1``, each in a fresh random order, cut into consecutive batches (a batch may
+    span two passes)."""
+    passes = -(-steps * batch // size)
+    order = torch.cat([torch.randperm(size, generator=generator) for _ in range(passes)])
+    return order[: steps * batch].view(steps, batch)
+
+
+def minibatch_loss(model: nn.Module, loss_fn: LossFn, buffers: Params, x: Tensor, y: Tensor,
+                   order: Tensor, stepwise: bool) -> Loss:  # fmt: skip
+    """The inner loss of step ``k`` on mini-batch ``order[k]``: ``(params, k) -> loss``."""
+    order = order.to(x.device)
+
+    def loss(p: Params, k: int) -> Tensor:  # type: ignore[override]
+        idx = order[k]
+        return loss_fn(forward(model, p, buffers, x[idx], k if stepwise else None), y[idx])
+
+    return loss  # type: ignore[return-value]
 
 
 class Reptile(MAML):
@@ -39,19 +68,33 @@ class Reptile(MAML):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.001, inner_steps: int = 5,
-        **kwargs: Any,
+        *, inner_batch: int | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         keys = ("learn_lr", "step_weights", "first_order", "compile")
         refuse("Reptile", kwargs, keys, "its meta-gradient is first order")
         if inner_steps < 1:
             raise ValueError(f"Reptile needs inner_steps >= 1, got {inner_steps}")
+        if inner_batch is not None and (isinstance(inner_batch, bool) or inner_batch < 1):
+            raise ValueError(f"inner_batch must be a positive number of examples, got {inner_batch!r}")  # fmt: skip
         super().__init__(model, loss_fn, inner_lr, inner_steps, first_order=True, **kwargs)
+        self.inner_batch = inner_batch
 
     def adapted(self, support_x: Tensor, support_y: Tensor) -> Params:
-        """Every task's adapted parameters ``{name: [tasks, ...]}`` (detached)."""
+        """Every task's adapted parameters ``{name: [tasks, ...]}`` (detached). With
+        ``inner_batch``, the mini-batches are drawn from torch's global generator."""
         data = (support_x, support_y, support_x, support_y)
         problem, hyper = self.problem(), self.hyper()
         params = {k: v.detach() for k, v in self._params().items()}
+        if self.inner_batch is not None:
+            size = support_x.shape[1]
+            if self.inner_batch > size:
+                raise ValueError(f"inner_batch={self.inner_batch} exceeds the {size} examples of a support set")  # fmt: skip
+            fast = []
+            for x, y, _, _ in tasks(data):
+                order = minibatch_order(size, self.inner_batch, self.inner_steps)
+                loss = minibatch_loss(self.model, self.loss_fn, problem.buffers, x, y, order, problem.spec.stepwise)  # fmt: skip
+                fast.append(adapt(loss, params, problem.spec, hyper, autograd=True, loss_takes_step=True))  # fmt: skip
+            return {k: torch.stack([f[k] for f in fast]).detach() for k in self.adapts}  # type: ignore[index]
         if self.strategy(data, steps=self.inner_steps, first_order=True).vectorize is False:
             fast = [
                 adapt(

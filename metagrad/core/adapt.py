@@ -75,12 +75,15 @@ def adapt(
     first_order: bool | None = None,
     autograd: bool = False,
     every_step: bool = False,
+    loss_takes_step: bool = False,
 ) -> Params | list[Params]:
     """``spec.steps`` (or ``steps``) inner steps on ``loss`` from ``params``.
 
     Only ``spec.adapts`` change; the others stay the same tensors. ``lr`` overrides a fixed
     rate (evaluation step sizes); learned rates always come from ``hyper``. Returns the
-    adapted parameters, or with ``every_step`` the list after each step.
+    adapted parameters, or with ``every_step`` the list after each step. ``loss`` is called
+    as ``loss(params, k)`` at step ``k`` with a stepwise spec or ``loss_takes_step`` (inner
+    steps on mini-batches), else ``loss(params)``.
 
     Example (any scalar loss of a parameter dict; a learner provides the spec):
         >>> import torch, torch.nn.functional as F
@@ -103,7 +106,7 @@ def adapt(
     trail: list[Params] = []
 
     def step(params: Params, state: State, k: int, hyper: Hyper, create: bool) -> tuple[Params, State]:  # fmt: skip
-        at_k: Loss = (lambda p: loss(p, k)) if spec.stepwise else loss  # type: ignore[call-arg]
+        at_k: Loss = (lambda p: loss(p, k)) if spec.stepwise or loss_takes_step else loss  # type: ignore[call-arg]
         grads = _inner_grads(at_k, params, names, create, autograd)
         direction, state = spec.rule.direction(grads, state, k)
         params = dict(params)

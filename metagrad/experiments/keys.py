@@ -39,6 +39,7 @@ KEYS: dict[str, str] = {
     "inner_eps": "inner_optimizer=adam: its epsilon",
     "lam": "iMAML: strength of the proximal term lambda",
     "cg_steps": "iMAML: conjugate-gradient steps of the implicit meta-gradient",
+    "inner_batch": "Reptile: support examples per inner step, shuffled mini-batches (0: all)",
     "lslr": "MAML++: learned per-layer per-step inner rates",
     "multi_step_loss": "MAML++: the annealed multi-step loss",
     "msl_epochs": "MAML++: epochs of multi-step loss, then the last step's loss only",

@@ -64,6 +64,7 @@ FAMILY: dict[str, Any] = {
     "inner_eps": 1e-8,
     "lam": 2.0,  # iMAML: the proximal strength
     "cg_steps": 5,  # iMAML: conjugate-gradient steps of the implicit meta-gradient
+    "inner_batch": 0,  # Reptile: support examples per inner step (shuffled mini-batches); 0: all
     # MAML++ (algorithm=mamlpp), each component switchable for ablations
     "lslr": True,  # learned per-layer per-step inner rates
     "multi_step_loss": True,  # the annealed multi-step loss ...
@@ -86,8 +87,9 @@ OUTER: dict[str, Any] = {
 # (aravindr93/imaml_dev: 16 inner steps at 0.1, lam 2, 5 CG steps, tested with 16 steps).
 # Reptile on Omniglot: the paper's 1-shot 5-way command (openai/supervised-reptile README:
 # inner Adam with beta1 = 0 at 0.001, 5 inner steps on 10 shots per class, meta-batch 5, outer
-# step 1.0 linearly annealed to 0 over 100k iterations, 50 test steps); its inner steps take
-# mini-batches of 10 of the 50 training images, ours full-batch steps on all 50.
+# step 1.0 linearly annealed to 0 over 100k iterations, 50 test steps), its inner steps on
+# mini-batches of 10 of the 50 training images (the test's steps on the 5 support images are
+# full-batch either way).
 # On the sinusoid (K = 10, meta-batch 25, 70k iterations, as the other rows of the table):
 # Reptile with the outer rule of OpenAI's sine-wave example (SGD at 0.1 annealed linearly to
 # 0) and 5 full-batch inner steps at the table's 0.01 (the example's 0.02 diverged on our ReLU
@@ -104,7 +106,7 @@ ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("omniglot", "reptile"): {
         "inner_optimizer": "adam", "inner_betas": [0.0, 0.999], "inner_lr": 0.001,
-        "inner_steps": 5, "train_shots": 10, "queries": 1, "meta_batch": 5,
+        "inner_steps": 5, "inner_batch": 10, "train_shots": 10, "queries": 1, "meta_batch": 5,
         "meta_optimizer": "sgd", "meta_lr": 1.0, "lr_schedule": "linear", "iterations": 100_000,
         "eval_steps": 50,
     },
@@ -240,8 +242,18 @@ def build_learner(model: nn.Module, loss_fn: Any, cfg: Mapping[str, Any], **kwar
     algorithm = cfg.get("algorithm", "maml")
     options = family_options(cfg, model)
     cls: type[MAML] = MAML
+    if cfg.get("inner_batch", 0) and algorithm != "reptile":
+        raise ConfigError(f"inner_batch is Reptile's (algorithm=reptile), not {algorithm}'s: "
+                          "leave it at 0")  # fmt: skip
     if algorithm == "reptile":
         cls = Reptile
+        if cfg.get("inner_batch", 0):
+            # the training support set: ways x shots images, or K points of a regression task
+            support = cfg.get("ways", 1) * (cfg.get("train_shots") or cfg.get("shots", 0))
+            if support and cfg["inner_batch"] > support:
+                raise ConfigError(f"inner_batch={cfg['inner_batch']} exceeds the {support} examples "
+                                  "of a training support set: lower it, or 0 for full-batch steps")  # fmt: skip
+            options["inner_batch"] = cfg["inner_batch"]
     elif algorithm == "mamlpp":
         if options.pop("learn_lr") not in (None, "per-layer-per-step") or options.pop(
             "step_weights"
