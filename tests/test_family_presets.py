@@ -136,6 +136,7 @@ def test_reptile_and_imaml_through_the_presets():
     assert reptile["inner_batch"] == 10  # its inner steps on mini-batches of 10 of the 50
     learner = experiment_for(reptile).build()
     assert type(learner) is mg.Reptile and learner.inner_batch == 10
+    assert learner.carry_inner_state  # one Adam for all tasks, as the paper's code
     assert built("sinusoid", "algorithm=reptile").inner_batch is None  # full-batch steps
 
 
@@ -150,6 +151,8 @@ def test_reptile_and_imaml_through_the_presets():
         (["algorithm=reptile", "inner_batch=11"], "inner_batch=11 exceeds the 10 examples"),
         (["algorithm=reptile", "inner_batch=-1"], "inner_batch must be a positive"),
         (["algorithm=maml", "inner_batch=5"], "inner_batch is Reptile's"),
+        (["algorithm=anil", "carry_inner_state=true"], "carry_inner_state is Reptile's"),
+        (["algorithm=reptile", "carry_inner_state=true"], "needs an Adam inner optimizer"),
     ],
 )
 def test_bad_reptile_and_imaml_values(sets, match):

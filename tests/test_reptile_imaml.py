@@ -119,6 +119,83 @@ def test_reptile_minibatch_larger_than_the_support_set_is_refused():
         reptile.meta_backward(*data)
 
 
+def carried_adam_reference(model, loss_fn, data, lr, steps, betas, eps, state):
+    """theta - mean_t phi_t with one Adam for every task, in order: its moments and step
+    count go on from task to task (``state``: {"t": count, name: (m, v)}, updated)."""
+    b1, b2 = betas
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    sx, sy, _, _ = data
+    for t in range(sx.shape[0]):
+        phi = {n: p.clone().requires_grad_() for n, p in theta.items()}
+        for _ in range(steps):
+            out = torch.func.functional_call(model, phi, (sx[t],))
+            gs = torch.autograd.grad(loss_fn(out, sy[t]), list(phi.values()))
+            state["t"] += 1
+            new = {}
+            for (n, p), g in zip(phi.items(), gs, strict=True):
+                m, v = state.get(n, (torch.zeros_like(g), torch.zeros_like(g)))
+                m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+                state[n] = (m, v)
+                d = (m / (1 - b1 ** state["t"])) / ((v / (1 - b2 ** state["t"])).sqrt() + eps)
+                new[n] = (p - lr * d).detach().requires_grad_()
+            phi = new
+        for n in theta:
+            total[n] += (theta[n] - phi[n].detach()) / sx.shape[0]
+    return total
+
+
+def test_reptile_carried_adam_state_matches_one_adam_for_every_task():
+    """carry_inner_state: as the paper's code, one Adam serves every task of every
+    meta-iteration; the state lives in the learner's buffers, so a reloaded learner goes on
+    exactly; test-time adaptation starts from it and leaves it alone."""
+    model, loss_fn, data = make_case("mlp")
+    betas, eps, lr, steps = (0.0, 0.999), 1e-8, 0.01, 3
+    rule = mg.inner.Adam(betas=betas, eps=eps)
+    reptile = mg.Reptile(model, loss_fn, inner_lr=lr, inner_steps=steps, inner_optimizer=rule,
+                         carry_inner_state=True, adapt=None)  # fmt: skip
+    state = {"t": 0}
+    for _ in range(2):  # two meta-iterations at the same theta: the state alone differs
+        expected = carried_adam_reference(model, loss_fn, data, lr, steps, betas, eps, state)
+        model.zero_grad()
+        reptile.meta_backward(*data)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12)
+    assert int(reptile.inner_step_count) == state["t"] == 2 * data[0].shape[0] * steps
+    for n, (m, v) in reptile.carried_state().items():
+        torch.testing.assert_close(v, state[n][1], rtol=1e-12, atol=1e-15)
+    # a fresh learner loaded from the state dict goes on as this one
+    other = mg.Reptile(model, loss_fn, inner_lr=lr, inner_steps=steps, inner_optimizer=rule,
+                       carry_inner_state=True, adapt=None)  # fmt: skip
+    other.load_state_dict(reptile.state_dict())
+    model.zero_grad()
+    other.meta_backward(*data)
+    g_other = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    reptile.meta_backward(*data)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_other[n], p.grad, rtol=0, atol=0)
+    # test-time adaptation: one Adam step from the carried state, which stays as it was
+    before = {n: v.clone() for n, (_, v) in reptile.carried_state().items()}
+    count = int(reptile.inner_step_count)
+    fast = reptile.adapt(data[0][0], data[1][0], steps=1)
+    t = count + 1
+    for n, p in model.named_parameters():
+        m0, v0 = reptile.carried_state()[n]
+        g = torch.autograd.grad(loss_fn(torch.func.functional_call(model, dict(model.named_parameters()), (data[0][0],)), data[1][0]), p)[0]  # fmt: skip
+        m, v = betas[0] * m0 + (1 - betas[0]) * g, betas[1] * v0 + (1 - betas[1]) * g * g
+        d = (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+        torch.testing.assert_close(fast.params[n], p - lr * d, rtol=1e-10, atol=1e-12)
+        assert torch.equal(reptile.carried_state()[n][1], before[n])
+    assert int(reptile.inner_step_count) == count
+
+
+def test_reptile_carry_needs_adam():
+    model, loss_fn, _ = make_case("mlp")
+    with pytest.raises(ValueError, match="carry_inner_state needs an Adam inner optimizer"):
+        mg.Reptile(model, loss_fn, carry_inner_state=True)
+
+
 def least_squares(tasks=3, d=4, m=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tasks, 2 * m, d, generator=g, dtype=torch.float64)

@@ -5,6 +5,13 @@ graph through them), and the meta-gradient is ``theta - mean_t phi_t``: with SGD
 ``eps`` the outer step is the paper's ``theta += eps (mean_t phi_t - theta)``, with Adam its
 Adam variant. The query sets only give the reported loss and predictions.
 
+With ``carry_inner_state`` the inner Adam's moments and step count carry over from task to
+task and from meta-iteration to meta-iteration (buffers of the learner, so checkpoints hold
+them), as in the paper's code, where one TensorFlow Adam serves every task; adaptation at
+test time starts from them too and leaves them as they are. Otherwise each task starts
+from zero moments, so its first step moves every adapting weight by ``inner_lr`` (Adam's
+first step is the gradient's sign).
+
 The steps are full-batch, or with ``inner_batch`` take successive mini-batches of the
 support set, shuffled anew at each pass over it, as the paper's experiments do. It matters:
 k steps on one batch give, to second order, the gradient of that batch's loss and of its
@@ -14,6 +21,7 @@ term that rewards gradients of one task's batches agreeing (the paper's section 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,8 +31,27 @@ from ..core import MAML
 from ..core.adapt import Loss, adapt, outer_loss, support_loss
 from ..core.executors import batched_adapt, check_batch, tasks
 from ..core.functional import LossFn, forward
-from ..core.spec import Hyper, Params
+from ..core.inner import Adam, State
+from ..core.spec import Hyper, Params, Spec
 from .common import add_to_grad, refuse
+
+
+@dataclass(frozen=True, eq=False)
+class CarriedAdam(Adam):
+    """Adam that starts from moments ``start`` after ``offset`` earlier steps (zero moments
+    when ``offset`` is 0), and appends each step's new state to ``sink`` when given."""
+
+    start: State = field(default_factory=dict)
+    offset: int = 0
+    sink: list[State] | None = None
+
+    def direction(self, grads: Params, state: State, step: int) -> tuple[Params, State]:
+        if step == 0 and self.offset > 0:
+            state = self.start
+        out, new = super().direction(grads, state, self.offset + step)
+        if self.sink is not None:
+            self.sink.append(new)
+        return out, new
 
 
 def minibatch_order(
@@ -68,7 +95,7 @@ class Reptile(MAML):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.001, inner_steps: int = 5,
-        *, inner_batch: int | None = None, **kwargs: Any,
+        *, inner_batch: int | None = None, carry_inner_state: bool = False, **kwargs: Any,
     ) -> None:  # fmt: skip
         keys = ("learn_lr", "step_weights", "first_order", "compile")
         refuse("Reptile", kwargs, keys, "its meta-gradient is first order")
@@ -78,6 +105,29 @@ class Reptile(MAML):
             raise ValueError(f"inner_batch must be a positive number of examples, got {inner_batch!r}")  # fmt: skip
         super().__init__(model, loss_fn, inner_lr, inner_steps, first_order=True, **kwargs)
         self.inner_batch = inner_batch
+        self.carry_inner_state = bool(carry_inner_state)
+        if self.carry_inner_state:
+            if not isinstance(self.inner_optimizer, Adam):
+                raise ValueError(f"carry_inner_state needs an Adam inner optimizer (inner_optimizer=adam), got {self.inner_optimizer!r}")  # fmt: skip
+            params = self._params()
+            for n in self.adapts:  # Adam's moments m and v of each adapting parameter
+                for moment in ("m", "v"):
+                    self.register_buffer(f"inner_{moment}/{n.replace('.', '/')}", torch.zeros_like(params[n]).detach())  # fmt: skip
+            self.register_buffer("inner_step_count", torch.zeros((), dtype=torch.long))
+
+    def carried_state(self) -> State:
+        """The carried inner Adam state ``{name: (m, v)}`` (``carry_inner_state``)."""
+        bufs = dict(self.named_buffers())
+        return {n: (bufs[f"inner_m/{n.replace('.', '/')}"], bufs[f"inner_v/{n.replace('.', '/')}"]) for n in self.adapts}  # fmt: skip
+
+    def spec(self, steps: int | None = None, first_order: bool | None = None) -> Spec:
+        spec = super().spec(steps, first_order)
+        if not getattr(self, "carry_inner_state", False):  # (MAML's __init__ asks too)
+            return spec
+        rule = self.inner_optimizer
+        assert isinstance(rule, Adam)
+        carried = CarriedAdam(rule.betas, rule.eps, start=self.carried_state(), offset=int(self.inner_step_count))  # fmt: skip
+        return replace(spec, rule=carried)
 
     def adapted(self, support_x: Tensor, support_y: Tensor) -> Params:
         """Every task's adapted parameters ``{name: [tasks, ...]}`` (detached). With
@@ -85,16 +135,8 @@ class Reptile(MAML):
         data = (support_x, support_y, support_x, support_y)
         problem, hyper = self.problem(), self.hyper()
         params = {k: v.detach() for k, v in self._params().items()}
-        if self.inner_batch is not None:
-            size = support_x.shape[1]
-            if self.inner_batch > size:
-                raise ValueError(f"inner_batch={self.inner_batch} exceeds the {size} examples of a support set")  # fmt: skip
-            fast = []
-            for x, y, _, _ in tasks(data):
-                order = minibatch_order(size, self.inner_batch, self.inner_steps)
-                loss = minibatch_loss(self.model, self.loss_fn, problem.buffers, x, y, order, problem.spec.stepwise)  # fmt: skip
-                fast.append(adapt(loss, params, problem.spec, hyper, autograd=True, loss_takes_step=True))  # fmt: skip
-            return {k: torch.stack([f[k] for f in fast]).detach() for k in self.adapts}  # type: ignore[index]
+        if self.inner_batch is not None or self.carry_inner_state:
+            return self._adapted_one_by_one(problem.spec, problem.buffers, hyper, params, data)
         if self.strategy(data, steps=self.inner_steps, first_order=True).vectorize is False:
             fast = [
                 adapt(
@@ -109,6 +151,38 @@ class Reptile(MAML):
             return {k: torch.stack([f[k] for f in fast]).detach() for k in self.adapts}  # type: ignore[index]
         last = batched_adapt(problem, params, hyper, support_x, support_y)[-1]
         return {k: last[k].detach() for k in self.adapts}
+
+    def _adapted_one_by_one(self, spec: Spec, buffers: Params, hyper: Hyper, params: Params,
+                            data: tuple[Tensor, Tensor, Tensor, Tensor]) -> Params:  # fmt: skip
+        """The tasks in order: mini-batched steps, and the carried state passed from each
+        task to the next (then kept for the next meta-iteration)."""
+        size = data[0].shape[1]
+        if self.inner_batch is not None and self.inner_batch > size:
+            raise ValueError(f"inner_batch={self.inner_batch} exceeds the {size} examples of a support set")  # fmt: skip
+        fast: list[Params] = []
+        sink: list[State] = []
+        for x, y, _, _ in tasks(data):
+            if isinstance(spec.rule, CarriedAdam):
+                sink.clear()
+                spec = replace(spec, rule=replace(spec.rule, sink=sink))
+            if self.inner_batch is None:
+                phi = adapt(support_loss(self.model, self.loss_fn, buffers, x, y), params, spec, hyper, autograd=True)  # fmt: skip
+            else:
+                order = minibatch_order(size, self.inner_batch, self.inner_steps)
+                loss = minibatch_loss(self.model, self.loss_fn, buffers, x, y, order, spec.stepwise)
+                phi = adapt(loss, params, spec, hyper, autograd=True, loss_takes_step=True)
+            assert isinstance(phi, dict)
+            fast.append(phi)
+            if isinstance(spec.rule, CarriedAdam):  # the next task starts where this one ended
+                spec = replace(spec, rule=replace(spec.rule, start=sink[-1], offset=spec.rule.offset + self.inner_steps))  # fmt: skip
+        if isinstance(spec.rule, CarriedAdam):
+            with torch.no_grad():
+                for n, (m, v) in spec.rule.start.items():
+                    mb, vb = self.carried_state()[n]
+                    mb.copy_(m)
+                    vb.copy_(v)
+                self.inner_step_count.fill_(spec.rule.offset)
+        return {k: torch.stack([f[k] for f in fast]).detach() for k in self.adapts}
 
     def meta_loss(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(

@@ -40,6 +40,7 @@ KEYS: dict[str, str] = {
     "lam": "iMAML: strength of the proximal term lambda",
     "cg_steps": "iMAML: conjugate-gradient steps of the implicit meta-gradient",
     "inner_batch": "Reptile: support examples per inner step, shuffled mini-batches (0: all)",
+    "carry_inner_state": "Reptile with inner Adam: its moments carry over from task to task (true) or start at zero (false)",
     "lslr": "MAML++: learned per-layer per-step inner rates",
     "multi_step_loss": "MAML++: the annealed multi-step loss",
     "msl_epochs": "MAML++: epochs of multi-step loss, then the last step's loss only",

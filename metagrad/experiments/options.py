@@ -65,6 +65,7 @@ FAMILY: dict[str, Any] = {
     "lam": 2.0,  # iMAML: the proximal strength
     "cg_steps": 5,  # iMAML: conjugate-gradient steps of the implicit meta-gradient
     "inner_batch": 0,  # Reptile: support examples per inner step (shuffled mini-batches); 0: all
+    "carry_inner_state": False,  # Reptile: the inner Adam's moments carry over from task to task
     # MAML++ (algorithm=mamlpp), each component switchable for ablations
     "lslr": True,  # learned per-layer per-step inner rates
     "multi_step_loss": True,  # the annealed multi-step loss ...
@@ -89,7 +90,7 @@ OUTER: dict[str, Any] = {
 # inner Adam with beta1 = 0 at 0.001, 5 inner steps on 10 shots per class, meta-batch 5, outer
 # step 1.0 linearly annealed to 0 over 100k iterations, 50 test steps), its inner steps on
 # mini-batches of 10 of the 50 training images (the test's steps on the 5 support images are
-# full-batch either way).
+# full-batch either way), and one Adam for all tasks, its moments carried over.
 # On the sinusoid (K = 10, meta-batch 25, 70k iterations, as the other rows of the table):
 # Reptile with the outer rule of OpenAI's sine-wave example (SGD at 0.1 annealed linearly to
 # 0) and 5 full-batch inner steps at the table's 0.01 (the example's 0.02 diverged on our ReLU
@@ -106,7 +107,8 @@ ALGORITHM_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("omniglot", "reptile"): {
         "inner_optimizer": "adam", "inner_betas": [0.0, 0.999], "inner_lr": 0.001,
-        "inner_steps": 5, "inner_batch": 10, "train_shots": 10, "queries": 1, "meta_batch": 5,
+        "inner_steps": 5, "inner_batch": 10, "carry_inner_state": True, "train_shots": 10,
+        "queries": 1, "meta_batch": 5,
         "meta_optimizer": "sgd", "meta_lr": 1.0, "lr_schedule": "linear", "iterations": 100_000,
         "eval_steps": 50,
     },
@@ -242,9 +244,10 @@ def build_learner(model: nn.Module, loss_fn: Any, cfg: Mapping[str, Any], **kwar
     algorithm = cfg.get("algorithm", "maml")
     options = family_options(cfg, model)
     cls: type[MAML] = MAML
-    if cfg.get("inner_batch", 0) and algorithm != "reptile":
-        raise ConfigError(f"inner_batch is Reptile's (algorithm=reptile), not {algorithm}'s: "
-                          "leave it at 0")  # fmt: skip
+    for key, off in (("inner_batch", 0), ("carry_inner_state", False)):
+        if cfg.get(key, off) and algorithm != "reptile":
+            raise ConfigError(f"{key} is Reptile's (algorithm=reptile), not {algorithm}'s: "
+                              f"leave it at {str(off).lower()}")  # fmt: skip
     if algorithm == "reptile":
         cls = Reptile
         if cfg.get("inner_batch", 0):
@@ -254,6 +257,7 @@ def build_learner(model: nn.Module, loss_fn: Any, cfg: Mapping[str, Any], **kwar
                 raise ConfigError(f"inner_batch={cfg['inner_batch']} exceeds the {support} examples "
                                   "of a training support set: lower it, or 0 for full-batch steps")  # fmt: skip
             options["inner_batch"] = cfg["inner_batch"]
+        options["carry_inner_state"] = cfg.get("carry_inner_state", False)
     elif algorithm == "mamlpp":
         if options.pop("learn_lr") not in (None, "per-layer-per-step") or options.pop(
             "step_weights"
