@@ -163,6 +163,7 @@ def test_reptile_carried_adam_state_matches_one_adam_for_every_task():
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12)
     assert int(reptile.inner_step_count) == state["t"] == 2 * data[0].shape[0] * steps
     for n, (m, v) in reptile.carried_state().items():
+        torch.testing.assert_close(m, state[n][0], rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(v, state[n][1], rtol=1e-12, atol=1e-15)
     # a fresh learner loaded from the state dict goes on as this one
     other = mg.Reptile(model, loss_fn, inner_lr=lr, inner_steps=steps, inner_optimizer=rule,
