@@ -17,12 +17,10 @@ import argparse
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_maml import RESULTS, machine
+from bench_maml import RESULTS, machine, write_report
 
 from metagrad.experiments.config import preset
 from metagrad.experiments.options import build_learner
@@ -86,13 +84,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"Same curve in both layouts (rtol 1e-4): {'yes' if same else 'NO'}.",
     ]
-    text = "\n".join(lines)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    (out / f"{day}-{args.preset}-eval.md").write_text(text + "\n")
-    print(text)
-    return text
+    return write_report(lines, args.out_dir, f"{args.preset}-eval")
 
 
 if __name__ == "__main__":

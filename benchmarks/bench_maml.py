@@ -347,6 +347,17 @@ def run_worker(lib: str, name: str, args: argparse.Namespace, iters: int, warmup
 
 
 # ---------------------------------------------------------------- report
+def write_report(lines: list[str], out_dir: str | Path, name: str) -> str:
+    """Join a markdown report, write it to ``out_dir/<UTC date>-<name>.md`` and print it."""
+    text = "\n".join(lines)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    (out / f"{day}-{name}.md").write_text(text + "\n")
+    print(text)
+    return text
+
+
 def machine() -> dict[str, object]:
     cpu = "?"
     if Path("/proc/cpuinfo").exists():

@@ -24,11 +24,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
-from bench_maml import CONFIGS, RESULTS, build, machine
+from bench_maml import CONFIGS, RESULTS, build, machine, write_report
 
 import metagrad as mg
 from metagrad.core import functional as F
@@ -98,13 +96,7 @@ def main(argv: list[str] | None = None) -> str:
         f"floor (fastest query pass): {floor:.1f} ms; metagrad spends "
         f"{med['metagrad meta_backward'] - floor:.1f} ms beyond it.",
     ]
-    text = "\n".join(lines)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    (out / f"{day}-{args.config}-floor.md").write_text(text + "\n")
-    print(text)
-    return text
+    return write_report(lines, args.out_dir, f"{args.config}-floor")
 
 
 if __name__ == "__main__":

@@ -14,16 +14,18 @@ from torch import nn
 import metagrad as mg
 
 
-def reptile_reference(model, loss_fn, data, lr, steps):
-    """theta - mean_t phi_t, phi_t after ``steps`` full-batch SGD steps on task t's support."""
+def reptile_reference(model, loss_fn, data, lr, steps, orders=None):
+    """theta - mean_t phi_t, phi_t after ``steps`` SGD steps on task t's support: full-batch,
+    or step k on the examples ``orders[t][k]``."""
     theta = {n: p.detach() for n, p in model.named_parameters()}
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     sx, sy, _, _ = data
     for t in range(sx.shape[0]):
         phi = {n: p.clone().requires_grad_() for n, p in theta.items()}
-        for _ in range(steps):
-            out = torch.func.functional_call(model, phi, (sx[t],))
-            gs = torch.autograd.grad(loss_fn(out, sy[t]), list(phi.values()))
+        for k in range(steps):
+            idx = slice(None) if orders is None else orders[t][k]
+            out = torch.func.functional_call(model, phi, (sx[t][idx],))
+            gs = torch.autograd.grad(loss_fn(out, sy[t][idx]), list(phi.values()))
             phi = {
                 n: (p - lr * g).detach().requires_grad_()
                 for (n, p), g in zip(phi.items(), gs, strict=True)
@@ -82,17 +84,7 @@ def test_reptile_minibatch_steps_match_a_hand_written_loop(kind):
     size, batch, steps, lr = sx.shape[1], 3, 4, 0.05
     torch.manual_seed(11)
     orders = [mg.algorithms.reptile.minibatch_order(size, batch, steps) for _ in range(sx.shape[0])]
-    theta = {n: p.detach() for n, p in model.named_parameters()}
-    expected = {n: torch.zeros_like(p) for n, p in theta.items()}
-    for t, order in enumerate(orders):
-        phi = {n: p.clone().requires_grad_() for n, p in theta.items()}
-        for k in range(steps):
-            idx = order[k]
-            out = torch.func.functional_call(model, phi, (sx[t][idx],))
-            gs = torch.autograd.grad(loss_fn(out, sy[t][idx]), list(phi.values()))
-            phi = {n: (p - lr * g).detach().requires_grad_() for (n, p), g in zip(phi.items(), gs, strict=True)}  # fmt: skip
-        for n in theta:
-            expected[n] += (theta[n] - phi[n].detach()) / sx.shape[0]
+    expected = reptile_reference(model, loss_fn, data, lr, steps, orders)
     reptile = mg.Reptile(model, loss_fn, inner_lr=lr, inner_steps=steps, inner_batch=batch, adapt=None)  # fmt: skip
     torch.manual_seed(11)
     reptile.meta_backward(*data)
