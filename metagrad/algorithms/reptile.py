@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..core import MAML
 from ..core.adapt import Loss, adapt, outer_loss, support_loss
 from ..core.executors import batched_adapt, check_batch, tasks
-from ..core.functional import LossFn, forward
+from ..core.functional import LossFn
 from ..core.inner import Adam, State
 from ..core.spec import Hyper, Params, Spec
 from .common import add_to_grad, refuse
@@ -69,10 +69,10 @@ def minibatch_loss(model: nn.Module, loss_fn: LossFn, buffers: Params, x: Tensor
                    order: Tensor, stepwise: bool) -> Loss:  # fmt: skip
     """The inner loss of step ``k`` on mini-batch ``order[k]``: ``(params, k) -> loss``."""
     order = order.to(x.device)
+    batches = [support_loss(model, loss_fn, buffers, x[idx], y[idx]) for idx in order]
 
     def loss(p: Params, k: int) -> Tensor:  # type: ignore[override]
-        idx = order[k]
-        return loss_fn(forward(model, p, buffers, x[idx], k if stepwise else None), y[idx])
+        return batches[k](p, k) if stepwise else batches[k](p)
 
     return loss  # type: ignore[return-value]
 
@@ -135,36 +135,24 @@ class Reptile(MAML):
         data = (support_x, support_y, support_x, support_y)
         problem, hyper = self.problem(), self.hyper()
         params = {k: v.detach() for k, v in self._params().items()}
-        if self.inner_batch is not None or self.carry_inner_state:
+        one_by_one = self.inner_batch is not None or self.carry_inner_state
+        if one_by_one or self.strategy(data, steps=self.inner_steps, first_order=True).vectorize is False:  # fmt: skip
             return self._adapted_one_by_one(problem.spec, problem.buffers, hyper, params, data)
-        if self.strategy(data, steps=self.inner_steps, first_order=True).vectorize is False:
-            fast = [
-                adapt(
-                    support_loss(self.model, self.loss_fn, problem.buffers, x, y),
-                    params,
-                    problem.spec,
-                    hyper,
-                    autograd=True,
-                )  # fmt: skip
-                for x, y, _, _ in tasks(data)
-            ]
-            return {k: torch.stack([f[k] for f in fast]).detach() for k in self.adapts}  # type: ignore[index]
         last = batched_adapt(problem, params, hyper, support_x, support_y)[-1]
         return {k: last[k].detach() for k in self.adapts}
 
     def _adapted_one_by_one(self, spec: Spec, buffers: Params, hyper: Hyper, params: Params,
                             data: tuple[Tensor, Tensor, Tensor, Tensor]) -> Params:  # fmt: skip
-        """The tasks in order: mini-batched steps, and the carried state passed from each
-        task to the next (then kept for the next meta-iteration)."""
+        """The tasks in order: full-batch or mini-batched steps, and the carried state passed
+        from each task to the next (then kept for the next meta-iteration)."""
         size = data[0].shape[1]
         if self.inner_batch is not None and self.inner_batch > size:
             raise ValueError(f"inner_batch={self.inner_batch} exceeds the {size} examples of a support set")  # fmt: skip
         fast: list[Params] = []
-        sink: list[State] = []
+        sink: list[State] = []  # the carried rule's state after each step
+        if isinstance(spec.rule, CarriedAdam):
+            spec = replace(spec, rule=replace(spec.rule, sink=sink))
         for x, y, _, _ in tasks(data):
-            if isinstance(spec.rule, CarriedAdam):
-                sink.clear()
-                spec = replace(spec, rule=replace(spec.rule, sink=sink))
             if self.inner_batch is None:
                 phi = adapt(support_loss(self.model, self.loss_fn, buffers, x, y), params, spec, hyper, autograd=True)  # fmt: skip
             else:
@@ -177,8 +165,8 @@ class Reptile(MAML):
                 spec = replace(spec, rule=replace(spec.rule, start=sink[-1], offset=spec.rule.offset + self.inner_steps))  # fmt: skip
         if isinstance(spec.rule, CarriedAdam):
             with torch.no_grad():
-                for n, (m, v) in spec.rule.start.items():
-                    mb, vb = self.carried_state()[n]
+                for n, (mb, vb) in self.carried_state().items():
+                    m, v = spec.rule.start[n]
                     mb.copy_(m)
                     vb.copy_(v)
                 self.inner_step_count.fill_(spec.rule.offset)
